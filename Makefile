@@ -1,0 +1,25 @@
+# Two commands a fresh clone needs: `make train` and `make test`. Each sets up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Quickstart training run: ResNet-20 on CIFAR-10 (TFDS by default; DATA=folder DATA_DIR=... for images).
+DATA ?= tfds
+DATA_DIR ?=
+DEPTH ?= 20
+ARGS ?=
+
+.PHONY: setup train test
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+train: setup
+	$(PY) -m trainer.main --depth=$(DEPTH) --data_source=$(DATA) $(if $(DATA_DIR),--data_dir=$(DATA_DIR)) --model_dir=runs/resnet$(DEPTH) $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests

@@ -1,0 +1,1 @@
+"""resnet-cifar trainer: the model, the Config, distribution and the training loop."""

@@ -1,0 +1,108 @@
+"""The run's one configuration object: frozen, typed, validated; built by trainer/main.py."""
+
+import dataclasses
+import json
+
+from trainer import resnet
+
+DATA_SOURCES = ("tfds", "folder", "synthetic")
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+JIT_COMPILE = ("auto", "true", "false")
+# --learning_rate is defined for this global batch and scaled linearly (Goyal et al. 2017).
+REFERENCE_BATCH_SIZE = 128
+
+
+class ConfigError(ValueError):
+  """A setting is invalid; the message names it and says what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Every setting of a run. Field names equal the flag names of trainer/main.py."""
+  # Model.
+  depth: int = 50
+  plain: bool = False
+  stem: str = "cifar"
+  shortcut: str | None = None
+  stage_sizes: tuple[int, ...] | None = None
+  stage_widths: tuple[int, ...] | None = None
+  bn_momentum: float = 0.9
+  zero_init_residual: bool = False
+  # Data.
+  data_source: str = "tfds"
+  data_dir: str | None = None
+  deterministic: bool = False
+  # Schedule, counted in epochs here and converted to steps once (see `steps_per_epoch`).
+  epochs: int = 30
+  steps_per_epoch: int | None = None
+  eval_steps: int | None = None
+  global_batch_size: int = 128
+  learning_rate: float = 0.1
+  warmup_epochs: float = 1.0
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  # Hardware.
+  strategy: str = "auto"
+  cpu_devices: int = 1
+  precision: str = "auto"
+  jit_compile: str = "auto"
+  steps_per_execution: int = 1
+  # Output.
+  model_dir: str = "runs/resnet"
+  log_every_steps: int = 100
+  checkpoint_every_steps: int = 1000
+  keep_checkpoints: int = 3
+  seed: int = 0
+
+  def __post_init__(self):
+    _one_of("data_source", self.data_source, DATA_SOURCES)
+    _one_of("strategy", self.strategy, STRATEGIES)
+    _one_of("precision", self.precision, PRECISIONS)
+    _one_of("jit_compile", self.jit_compile, JIT_COMPILE)
+    try:
+      self.architecture()
+    except ValueError as e:
+      raise ConfigError(f"--depth/--stem/--shortcut/--stage_*: {e}") from None
+    for name in ("epochs", "global_batch_size", "cpu_devices", "steps_per_execution",
+                 "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+      _positive(name, getattr(self, name))
+    for name in ("steps_per_epoch", "eval_steps"):
+      if getattr(self, name) is not None:
+        _positive(name, getattr(self, name))
+    for name in ("learning_rate",):
+      _positive(name, getattr(self, name))
+    for name in ("weight_decay", "warmup_epochs", "momentum"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+    if not 0 <= self.bn_momentum < 1:
+      raise ConfigError(f"--bn_momentum must be in [0, 1), got {self.bn_momentum}")
+    if self.data_source == "folder" and not self.data_dir:
+      raise ConfigError("--data_source=folder needs --data_dir=DIR holding DIR/train/<class>/ "
+                        "and DIR/test/<class>/ image folders")
+    if not self.model_dir:
+      raise ConfigError("--model_dir must not be empty")
+
+  def architecture(self) -> resnet.Architecture:
+    """The model's architecture (raises ValueError when the settings are inconsistent)."""
+    return resnet.architecture(self.depth, plain=self.plain, stem=self.stem,
+                               shortcut=self.shortcut, stage_sizes=self.stage_sizes,
+                               stage_widths=self.stage_widths)
+
+  @property
+  def scaled_learning_rate(self) -> float:
+    """--learning_rate scaled linearly from a global batch of 128 to ours."""
+    return self.learning_rate * self.global_batch_size / REFERENCE_BATCH_SIZE
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise ConfigError(f"--{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _positive(name: str, value) -> None:
+  if value <= 0:
+    raise ConfigError(f"--{name} must be positive, got {value}")

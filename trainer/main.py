@@ -1,0 +1,129 @@
+"""Command-line entrypoint: `python -m trainer.main --depth=50 --plain=false ...`.
+
+The only module that reads absl flags: it turns them into one validated Config, builds
+the strategy and hands both to trainer.train.
+"""
+
+import os
+import sys
+
+# Keep TensorFlow's C++ start-up noise out of the way unless the user asks for it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+
+from trainer import config as config_lib  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+# Model.
+flags.DEFINE_integer("depth", 50, "ResNet depth: 18, 34, 50, 101, 152 (ImageNet-style, "
+                     "He et al. Table 1) or any 6n+2 such as 20, 32, 44, 56, 110 (CIFAR "
+                     "family, He et al. Sec. 4.2).")
+flags.DEFINE_boolean("plain", False, "Build the plain twin: the same layers without any "
+                     "shortcut connection.")
+flags.DEFINE_enum("stem", "cifar", ["cifar", "imagenet"], "cifar: 3x3 stride-1 convolution; "
+                  "imagenet: 7x7 stride-2 convolution + 3x3 stride-2 max-pool.")
+flags.DEFINE_enum("shortcut", None, ["A", "B"], "A: parameter-free (strided identity, "
+                  "zero-padded channels); B: 1x1 projection where the shape changes. "
+                  "Default: A for the CIFAR family, B for ImageNet-style depths.")
+flags.DEFINE_list("stage_sizes", None, "Blocks per stage, overriding the depth table, "
+                  "e.g. 3,4,6,3.")
+flags.DEFINE_list("stage_widths", None, "Filters per stage, overriding the depth table, "
+                  "e.g. 64,128,256,512.")
+flags.DEFINE_float("bn_momentum", 0.9, "Batch-norm moving-average momentum.")
+flags.DEFINE_boolean("zero_init_residual", False, "Start the last batch-norm gamma of each "
+                     "residual branch at zero.")
+# Data.
+flags.DEFINE_enum("data_source", "tfds", list(config_lib.DATA_SOURCES),
+                  "tfds: tensorflow-datasets cifar10; folder: DATA_DIR/train/<class>/*.png|jpg "
+                  "and DATA_DIR/test/<class>/...; synthetic: random images.")
+flags.DEFINE_string("data_dir", None, "The TFDS data dir (tfds) or the image folder "
+                    "(folder).")
+flags.DEFINE_boolean("deterministic", False, "Same data order and augmentation on every run "
+                     "(and after a resume); slower input pipeline.")
+# Schedule.
+flags.DEFINE_integer("epochs", 30, "Training epochs.", lower_bound=1)
+flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch (smoke runs); default: "
+                     "the whole training set.", lower_bound=1)
+flags.DEFINE_integer("eval_steps", None, "Cap on evaluation steps; default: the whole test "
+                     "split.", lower_bound=1)
+flags.DEFINE_integer("global_batch_size", 128, "Examples per step over all replicas.",
+                     lower_bound=1)
+flags.DEFINE_float("learning_rate", 0.1, "Peak learning rate for a global batch of 128; "
+                   "scaled linearly with --global_batch_size.")
+flags.DEFINE_float("warmup_epochs", 1.0, "Linear learning-rate warm-up before cosine decay.")
+flags.DEFINE_float("momentum", 0.9, "SGD Nesterov momentum (0: plain SGD).")
+flags.DEFINE_float("weight_decay", 5e-4, "L2 weight decay on convolution and dense kernels "
+                   "(never on batch-norm parameters or biases).")
+# Hardware.
+flags.DEFINE_enum("strategy", "auto", list(config_lib.STRATEGIES),
+                  "auto: mirrored over 2+ GPUs, one_device on one GPU, default on CPU.")
+flags.DEFINE_integer("cpu_devices", 1, "Split the CPU into this many logical devices, to "
+                     "try --strategy=mirrored without GPUs.", lower_bound=1)
+flags.DEFINE_enum("precision", "auto", list(config_lib.PRECISIONS),
+                  "auto: mixed_bfloat16 on GPUs of compute capability 8+, mixed_float16 on "
+                  "7.x, float32 on CPU.")
+flags.DEFINE_enum("jit_compile", "auto", list(config_lib.JIT_COMPILE),
+                  "XLA for the per-replica step; auto: on for GPUs, off on CPU.")
+flags.DEFINE_integer("steps_per_execution", 1, "Training steps per call into TensorFlow.",
+                     lower_bound=1)
+# Output.
+flags.DEFINE_string("model_dir", "runs/resnet", "Where checkpoints, TensorBoard events, "
+                    "config.json and metrics.json go; rerunning with the same dir resumes.")
+flags.DEFINE_integer("log_every_steps", 100, "Console and TensorBoard training metrics every "
+                     "N steps.", lower_bound=1)
+flags.DEFINE_integer("checkpoint_every_steps", 1000, "Checkpoint every N steps (and at every "
+                     "epoch end).", lower_bound=1)
+flags.DEFINE_integer("keep_checkpoints", 3, "Rolling checkpoints kept.", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "Seed of the data order, augmentation and synthetic data.")
+
+_INT_TUPLES = ("stage_sizes", "stage_widths")
+
+
+def config_from_flags() -> config_lib.Config:
+  """Builds the Config from the parsed flags (flag names equal field names)."""
+  values = {}
+  for field in config_lib.Config.__dataclass_fields__:
+    value = FLAGS[field].value
+    if field in _INT_TUPLES and value is not None:
+      try:
+        value = tuple(int(v) for v in value)
+      except ValueError:
+        raise config_lib.ConfigError(f"--{field} must be comma-separated integers, got "
+                                     f"{','.join(value)}") from None
+    values[field] = value
+  return config_lib.Config(**values)
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    config = config_from_flags()
+  except config_lib.ConfigError as e:
+    _fail(str(e))
+  # Imported after validation so that --help and flag errors answer without loading TF.
+  from input_pipeline import sources
+  from trainer import distribute, train
+
+  logging.info("config:\n%s", config.to_json())
+  try:
+    distribute.configure_cpu_devices(config.cpu_devices)
+    strategy = distribute.make_strategy(config.strategy)
+    metrics = train.train_and_evaluate(config, strategy)
+  except (config_lib.ConfigError, sources.DataError, distribute.DistributionError) as e:
+    _fail(str(e))
+  print(f"done: {metrics['model']} test accuracy {metrics['test_accuracy']:.4f} after "
+        f"{metrics['epochs']} epochs ({metrics['steps']} steps) in "
+        f"{metrics['wall_seconds']:.0f} s, {metrics['images_per_second'] or float('nan'):.1f} "
+        f"training images/s; metrics in {os.path.join(config.model_dir, train.METRICS_FILE)}")
+
+
+if __name__ == "__main__":
+  app.run(main)
