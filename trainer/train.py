@@ -20,6 +20,7 @@ from trainer.config import Config, ConfigError
 CHECKPOINT_SUBDIR = "checkpoints"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +102,13 @@ def _write_json_atomically(path: str, payload: dict) -> None:
     json.dump(payload, f, indent=2, sort_keys=True)
     f.write("\n")
   os.replace(tmp, path)
+
+
+def _read_history(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return json.load(f)["history"]
 
 
 def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict:
@@ -241,11 +249,13 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
     wall_seconds.assign(previous_wall + time.time() - wall_start)
     manager.save(checkpoint_number=step)
 
+  history_path = os.path.join(out_dir, HISTORY_FILE)
+  # Epochs after the restored checkpoint were lost with the crash: forget them.
+  history = [h for h in _read_history(history_path) if h["step"] <= start_step]
   step = start_step
-  test_loss = test_accuracy = float("nan")
-  best_accuracy = float("nan")
   first_call = True
   interval_start, interval_step = time.time(), step
+  epoch_sums = [0.0, 0.0, 0.0]  # loss sum, correct, count since the epoch began
   logging.info("training %s for %d epochs (%d steps) from step %d", model.name,
                config.epochs, schedule.total_steps, start_step)
   while step < schedule.total_steps:
@@ -265,8 +275,10 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
     step = stop
     epoch = step / schedule.steps_per_epoch
     if step % config.log_every_steps == 0 or step == epoch_end:
-      loss, accuracy, _ = train_sums.result()
+      loss, accuracy, count = train_sums.result()
       train_sums.reset()
+      epoch_sums = [epoch_sums[0] + loss * count, epoch_sums[1] + accuracy * count,
+                    epoch_sums[2] + count]
       seconds = time.time() - interval_start
       images_per_second = ((step - interval_step) * config.global_batch_size / seconds
                            if step > interval_step else float("nan"))
@@ -286,19 +298,34 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
       interval_start, interval_step = time.time(), step
     if step == epoch_end:
       test_loss, test_accuracy = evaluate()
-      best_accuracy = max(best_accuracy, test_accuracy) if best_accuracy == best_accuracy \
-          else test_accuracy
+      train_count = max(epoch_sums[2], 1.0)
+      record = {"epoch": round(epoch), "step": step,
+                "train_loss": epoch_sums[0] / train_count,
+                "train_accuracy": epoch_sums[1] / train_count,
+                "test_loss": test_loss, "test_accuracy": test_accuracy}
+      epoch_sums = [0.0, 0.0, 0.0]
+      history.append(record)
+      with train_writer.as_default(step=step):
+        tf.summary.scalar("epoch_loss", record["train_loss"])
+        tf.summary.scalar("epoch_accuracy", record["train_accuracy"])
       with eval_writer.as_default(step=step):
         tf.summary.scalar("loss", test_loss)
         tf.summary.scalar("accuracy", test_accuracy)
-      logging.info("epoch %d/%d validation loss %.4f accuracy %.4f", round(epoch),
-                   config.epochs, test_loss, test_accuracy)
+        tf.summary.scalar("epoch_loss", test_loss)
+        tf.summary.scalar("epoch_accuracy", test_accuracy)
+      logging.info("epoch %d/%d train loss %.4f accuracy %.4f, validation loss %.4f "
+                   "accuracy %.4f", record["epoch"], config.epochs, record["train_loss"],
+                   record["train_accuracy"], test_loss, test_accuracy)
+      if chief:
+        _write_json_atomically(history_path, {"history": history})
       save(step)
       interval_start = time.time()
     elif step % config.checkpoint_every_steps == 0:
       save(step)
-  if test_accuracy != test_accuracy:
-    # Resumed a finished run (or trained no step): evaluate what the checkpoint holds.
+  if history and history[-1]["step"] == step:
+    test_loss, test_accuracy = history[-1]["test_loss"], history[-1]["test_accuracy"]
+  else:
+    # Resumed a finished run, or trained no whole epoch: evaluate what we hold.
     test_loss, test_accuracy = evaluate()
   train_writer.flush()
   eval_writer.flush()
@@ -307,7 +334,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
   metrics = {
       "test_accuracy": test_accuracy,
       "test_loss": test_loss,
-      "best_test_accuracy": best_accuracy if best_accuracy == best_accuracy else test_accuracy,
+      "best_test_accuracy": max([h["test_accuracy"] for h in history] + [test_accuracy]),
       "epochs": step // schedule.steps_per_epoch,
       "steps": step,
       "global_batch_size": config.global_batch_size,
@@ -319,6 +346,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
       "jit_compile": jit_compile,
       "model": model.name,
       "trainable_parameters": int(sum(v.numpy().size for v in model.trainable_variables)),
+      "history": history,
   }
   if chief:
     _write_json_atomically(os.path.join(out_dir, METRICS_FILE), metrics)
