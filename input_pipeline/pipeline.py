@@ -110,8 +110,11 @@ def eval_pipeline(dataset: tf.data.Dataset, *, per_replica_batch_size: int,
   Returns:
     a dataset of (uint8 images, int32 labels, float32 weights) batches.
   """
-  num_pipelines = input_context.num_input_pipelines if input_context else 1
-  steps = eval_steps(num_examples, per_replica_batch_size * num_pipelines)
+  replicas = input_context.num_replicas_in_sync if input_context else 1
+  pipelines = input_context.num_input_pipelines if input_context else 1
+  # Each pipeline feeds replicas // pipelines replicas for every global step.
+  steps = (eval_steps(num_examples, per_replica_batch_size * replicas)
+           * (replicas // pipelines))
   dataset = _shard(dataset, input_context).cache()
   dataset = dataset.map(lambda image, label: (image, tf.cast(label, tf.int32), 1.0))
   element_spec = dataset.element_spec

@@ -1,0 +1,117 @@
+"""End-to-end tests of the trainer: the entrypoint on tiny data, resume, MirroredStrategy,
+and flag validation."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import config as config_lib
+from trainer import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CLASSES = [f"class{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> pathlib.Path:
+  """A CIFAR-shaped folder dataset: 4 train and 2 test PNGs per class."""
+  root = tmp_path_factory.mktemp("images")
+  rng = np.random.default_rng(0)
+  for split, count in (("train", 4), ("test", 2)):
+    for name in CLASSES:
+      folder = root / split / name
+      folder.mkdir(parents=True)
+      for i in range(count):
+        image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        (folder / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+  return root
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "trainer.main", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def small_args(model_dir, data_dir, epochs=1) -> list[str]:
+  return ["--depth=8", "--data_source=folder", f"--data_dir={data_dir}",
+          f"--model_dir={model_dir}", f"--epochs={epochs}", "--steps_per_epoch=2",
+          "--global_batch_size=8", "--log_every_steps=1"]
+
+
+def test_entrypoint_trains_writes_outputs_and_resumes(tmp_path, image_folder):
+  model_dir = tmp_path / "run"
+  first = run_main(*small_args(model_dir, image_folder, epochs=1))
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "test accuracy" in first.stdout
+  assert list((model_dir / "checkpoints").glob("ckpt-2.index"))
+  assert list((model_dir / "train").glob("events.out.tfevents.*"))
+  assert list((model_dir / "validation").glob("events.out.tfevents.*"))
+  metrics = json.loads((model_dir / "metrics.json").read_text())
+  assert 0.0 <= metrics["test_accuracy"] <= 1.0
+  assert metrics["steps"] == 2 and metrics["epochs"] == 1
+  for key in ("wall_seconds", "images_per_second"):
+    assert key in metrics
+
+  second = run_main(*small_args(model_dir, image_folder, epochs=2))
+  assert second.returncode == 0, second.stderr[-3000:]
+  metrics = json.loads((model_dir / "metrics.json").read_text())
+  assert metrics["resumed_from_step"] == 2
+  assert metrics["steps"] == 4 and metrics["epochs"] == 2
+  assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+  assert list((model_dir / "checkpoints").glob("ckpt-4.index"))
+
+
+def test_mirrored_strategy_on_two_cpus_trains_and_resumes(tmp_path, image_folder):
+  devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+  assert len(devices) == 2, "tests/conftest.py should have made two logical CPUs"
+  strategy = tf.distribute.MirroredStrategy(devices)
+  config = config_lib.Config(depth=8, data_source="folder", data_dir=str(image_folder),
+                             model_dir=str(tmp_path / "run"), epochs=1, steps_per_epoch=2,
+                             global_batch_size=8, log_every_steps=1)
+  metrics = train.train_and_evaluate(config, strategy)
+  assert metrics["replicas"] == 2
+  assert metrics["steps"] == 2
+  assert 0.0 <= metrics["test_accuracy"] <= 1.0
+  resumed = train.train_and_evaluate(
+      config_lib.Config(**{**config.__dict__, "epochs": 2}), strategy)
+  assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--data_source=imagenet", "data_source"),
+    ("--depth=37", "supported depths"),
+    ("--global_batch_size=0", "global_batch_size"),
+    ("--global_batch_size=-8", "global_batch_size"),
+])
+def test_bad_flags_fail_clearly_and_write_nothing(tmp_path, flag, message):
+  model_dir = tmp_path / "run"
+  result = run_main("--data_source=synthetic", f"--model_dir={model_dir}", flag)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not model_dir.exists()
+
+
+def test_config_rejects_invalid_values():
+  with pytest.raises(config_lib.ConfigError, match="supported depths"):
+    config_lib.Config(depth=37)
+  with pytest.raises(config_lib.ConfigError, match="global_batch_size"):
+    config_lib.Config(global_batch_size=0)
+  with pytest.raises(config_lib.ConfigError, match="data_dir"):
+    config_lib.Config(data_source="folder")
+
+
+def test_global_batch_not_divisible_by_replicas_fails_before_writing(tmp_path):
+  devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+  strategy = tf.distribute.MirroredStrategy(devices)
+  config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=7,
+                             model_dir=str(tmp_path / "run"), steps_per_epoch=1)
+  with pytest.raises(config_lib.ConfigError, match="replicas"):
+    train.train_and_evaluate(config, strategy)
+  assert not os.path.exists(tmp_path / "run")
