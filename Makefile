@@ -2,9 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Quickstart training run: ResNet-20 on CIFAR-10 (TFDS by default; DATA=folder DATA_DIR=... for images).
-DATA ?= tfds
-DATA_DIR ?=
+# Quickstart training run: ResNet-20 on CIFAR-10. With DATA_DIR (a folder of class
+# sub-folders) it reads images from there, otherwise tensorflow-datasets. On the team's
+# machines the copy of CIFAR-10 beside the checkout is picked up by default.
+DATA_DIR ?= $(wildcard ../shared/datasets/cifar10-jpeg)
+DATA ?= $(if $(DATA_DIR),folder,tfds)
 DEPTH ?= 20
 ARGS ?=
 

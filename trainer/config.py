@@ -6,7 +6,8 @@ import json
 from trainer import resnet
 
 DATA_SOURCES = ("tfds", "folder", "synthetic")
-STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
+ALL_REDUCE = ("auto", "nccl", "hierarchical_copy", "reduction_to_one_device", "ring")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 JIT_COMPILE = ("auto", "true", "false")
 # --learning_rate is defined for this global batch and scaled linearly (Goyal et al. 2017).
@@ -44,7 +45,12 @@ class Config:
   weight_decay: float = 5e-4
   # Hardware.
   strategy: str = "auto"
+  num_gpus: int | None = None
+  tpu: str | None = None
+  all_reduce: str = "auto"
+  peer_timeout_seconds: int = 300
   cpu_devices: int = 1
+  sync_batch_norm: bool = False
   precision: str = "auto"
   jit_compile: str = "auto"
   steps_per_execution: int = 1
@@ -60,14 +66,16 @@ class Config:
     _one_of("strategy", self.strategy, STRATEGIES)
     _one_of("precision", self.precision, PRECISIONS)
     _one_of("jit_compile", self.jit_compile, JIT_COMPILE)
+    _one_of("all_reduce", self.all_reduce, ALL_REDUCE)
     try:
       self.architecture()
     except ValueError as e:
       raise ConfigError(f"--depth/--stem/--shortcut/--stage_*: {e}") from None
     for name in ("epochs", "global_batch_size", "cpu_devices", "steps_per_execution",
-                 "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+                 "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                 "peer_timeout_seconds"):
       _positive(name, getattr(self, name))
-    for name in ("steps_per_epoch", "eval_steps"):
+    for name in ("steps_per_epoch", "eval_steps", "num_gpus"):
       if getattr(self, name) is not None:
         _positive(name, getattr(self, name))
     for name in ("learning_rate",):
@@ -80,6 +88,8 @@ class Config:
     if self.data_source == "folder" and not self.data_dir:
       raise ConfigError("--data_source=folder needs --data_dir=DIR holding DIR/train/<class>/ "
                         "and DIR/test/<class>/ image folders")
+    if self.strategy == "tpu" and not self.tpu:
+      raise ConfigError("--strategy=tpu needs --tpu=NAME_OR_ADDRESS (or 'local')")
     if not self.model_dir:
       raise ConfigError("--model_dir must not be empty")
 

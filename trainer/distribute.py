@@ -22,11 +22,17 @@ def configure_cpu_devices(num_devices: int) -> None:
       cpu, [tf.config.LogicalDeviceConfiguration()] * num_devices)
 
 
-def make_strategy(name: str) -> tf.distribute.Strategy:
+def make_strategy(name: str, *, num_gpus: int | None = None, tpu: str | None = None,
+                  all_reduce: str = "auto",
+                  peer_timeout_seconds: int = 300) -> tf.distribute.Strategy:
   """Builds the strategy that `--strategy` names.
 
   Args:
-    name: auto, default, one_device, mirrored or multi_worker.
+    name: auto, default, one_device, mirrored, multi_worker or tpu.
+    num_gpus: mirrored: how many local GPUs (None: all).
+    tpu: tpu: the TPU name or address.
+    all_reduce: the cross-device reduction (see trainer/main.py --all_reduce).
+    peer_timeout_seconds: multi_worker: how long to wait for the peers.
   Returns:
     the strategy.
   Raises:

@@ -59,6 +59,17 @@ flags.DEFINE_float("weight_decay", 5e-4, "L2 weight decay on convolution and den
 # Hardware.
 flags.DEFINE_enum("strategy", "auto", list(config_lib.STRATEGIES),
                   "auto: mirrored over 2+ GPUs, one_device on one GPU, default on CPU.")
+flags.DEFINE_integer("num_gpus", None, "--strategy=mirrored: use this many local GPUs "
+                     "(default: all).", lower_bound=1)
+flags.DEFINE_string("tpu", None, "--strategy=tpu: the TPU name or grpc:// address, or "
+                    "'local'.")
+flags.DEFINE_enum("all_reduce", "auto", list(config_lib.ALL_REDUCE),
+                  "Cross-device reduction. mirrored: auto = NCCL on GPUs, "
+                  "reduction_to_one_device on CPUs; multi_worker: auto, nccl or ring.")
+flags.DEFINE_integer("peer_timeout_seconds", 300, "multi_worker: fail with a clear message "
+                     "when the peers cannot be reached within this time.", lower_bound=1)
+flags.DEFINE_boolean("sync_batch_norm", False, "Batch-norm statistics over all replicas "
+                     "(for small per-replica batches).")
 flags.DEFINE_integer("cpu_devices", 1, "Split the CPU into this many logical devices, to "
                      "try --strategy=mirrored without GPUs.", lower_bound=1)
 flags.DEFINE_enum("precision", "auto", list(config_lib.PRECISIONS),
@@ -115,7 +126,9 @@ def main(argv):
   logging.info("config:\n%s", config.to_json())
   try:
     distribute.configure_cpu_devices(config.cpu_devices)
-    strategy = distribute.make_strategy(config.strategy)
+    strategy = distribute.make_strategy(
+        config.strategy, num_gpus=config.num_gpus, tpu=config.tpu,
+        all_reduce=config.all_reduce, peer_timeout_seconds=config.peer_timeout_seconds)
     metrics = train.train_and_evaluate(config, strategy)
   except (config_lib.ConfigError, sources.DataError, distribute.DistributionError) as e:
     _fail(str(e))

@@ -152,7 +152,8 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
     model = resnet.build_model(
         arch, num_classes=len(train_split.class_names),
         input_mean=pipeline.CIFAR10_MEAN, input_std=pipeline.CIFAR10_STD,
-        bn_momentum=config.bn_momentum, zero_init_residual=config.zero_init_residual)
+        bn_momentum=config.bn_momentum, zero_init_residual=config.zero_init_residual,
+        sync_batch_norm=config.sync_batch_norm)
     optimizer = keras.optimizers.SGD(make_learning_rate(config, schedule),
                                      momentum=config.momentum, nesterov=config.momentum > 0)
     if precision == "mixed_float16":
