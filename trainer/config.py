@@ -3,10 +3,9 @@
 import dataclasses
 import json
 
-from trainer import resnet
-
 DATA_SOURCES = ("tfds", "folder", "synthetic")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
+MODES = ("train", "eval", "export")
 ALL_REDUCE = ("auto", "nccl", "hierarchical_copy", "reduction_to_one_device", "ring")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 JIT_COMPILE = ("auto", "true", "false")
@@ -21,6 +20,7 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Every setting of a run. Field names equal the flag names of trainer/main.py."""
+  mode: str = "train"
   # Model.
   depth: int = 50
   plain: bool = False
@@ -56,12 +56,17 @@ class Config:
   steps_per_execution: int = 1
   # Output.
   model_dir: str = "runs/resnet"
+  overwrite: bool = False
+  checkpoint: str | None = None
+  export_dir: str | None = None
+  profile_steps: tuple[int, ...] | None = None
   log_every_steps: int = 100
   checkpoint_every_steps: int = 1000
   keep_checkpoints: int = 3
   seed: int = 0
 
   def __post_init__(self):
+    _one_of("mode", self.mode, MODES)
     _one_of("data_source", self.data_source, DATA_SOURCES)
     _one_of("strategy", self.strategy, STRATEGIES)
     _one_of("precision", self.precision, PRECISIONS)
@@ -90,11 +95,17 @@ class Config:
                         "and DIR/test/<class>/ image folders")
     if self.strategy == "tpu" and not self.tpu:
       raise ConfigError("--strategy=tpu needs --tpu=NAME_OR_ADDRESS (or 'local')")
+    if self.profile_steps is not None and (
+        len(self.profile_steps) != 2 or not 0 <= self.profile_steps[0] < self.profile_steps[1]):
+      raise ConfigError(f"--profile_steps must be START,END with 0 <= START < END, got "
+                        f"{self.profile_steps}")
     if not self.model_dir:
       raise ConfigError("--model_dir must not be empty")
 
-  def architecture(self) -> resnet.Architecture:
+  def architecture(self) -> "resnet.Architecture":  # noqa: F821
     """The model's architecture (raises ValueError when the settings are inconsistent)."""
+    # Imported here so that importing the config (e.g. for --help) does not load Keras.
+    from trainer import resnet
     return resnet.architecture(self.depth, plain=self.plain, stem=self.stem,
                                shortcut=self.shortcut, stage_sizes=self.stage_sizes,
                                stage_widths=self.stage_widths)

@@ -16,6 +16,10 @@ from trainer import config as config_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 
+flags.DEFINE_enum("mode", "train", list(config_lib.MODES),
+                  "train: train with per-epoch evaluation (resumes from --model_dir); "
+                  "eval: evaluate a checkpoint on the test split; export: write a "
+                  "SavedModel and a .keras file.")
 # Model.
 flags.DEFINE_integer("depth", 50, "ResNet depth: 18, 34, 50, 101, 152 (ImageNet-style, "
                      "He et al. Table 1) or any 6n+2 such as 20, 32, 44, 56, 110 (CIFAR "
@@ -82,14 +86,24 @@ flags.DEFINE_integer("steps_per_execution", 1, "Training steps per call into Ten
 # Output.
 flags.DEFINE_string("model_dir", "runs/resnet", "Where checkpoints, TensorBoard events, "
                     "config.json and metrics.json go; rerunning with the same dir resumes.")
+flags.DEFINE_boolean("overwrite", False, "Delete the run in --model_dir (checkpoints, logs, "
+                     "metrics) and start afresh, e.g. after changing the architecture.")
+flags.DEFINE_string("checkpoint", None, "--mode=eval/export: 'latest', 'best' or a "
+                    "checkpoint path prefix (default: latest for eval, best for export).")
+flags.DEFINE_string("export_dir", None, "--mode=export: where to write (default: "
+                    "MODEL_DIR/export).")
+flags.DEFINE_list("profile_steps", None, "START,END: write a profiler trace of these "
+                  "training steps (view it in TensorBoard's Profile tab).")
 flags.DEFINE_integer("log_every_steps", 100, "Console and TensorBoard training metrics every "
                      "N steps.", lower_bound=1)
 flags.DEFINE_integer("checkpoint_every_steps", 1000, "Checkpoint every N steps (and at every "
                      "epoch end).", lower_bound=1)
 flags.DEFINE_integer("keep_checkpoints", 3, "Rolling checkpoints kept.", lower_bound=1)
+flags.DEFINE_boolean("tf_logs", False, "Show TensorFlow's C++ start-up and device messages "
+                     "(hidden by default).")
 flags.DEFINE_integer("seed", 0, "Seed of the data order, augmentation and synthetic data.")
 
-_INT_TUPLES = ("stage_sizes", "stage_widths")
+_INT_TUPLES = ("stage_sizes", "stage_widths", "profile_steps")
 
 
 def config_from_flags() -> config_lib.Config:
@@ -107,31 +121,71 @@ def config_from_flags() -> config_lib.Config:
   return config_lib.Config(**values)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(code)
+
+
+def _import_tensorflow(show_logs: bool) -> None:
+  """Imports TensorFlow, hiding the C++ start-up messages unless asked for.
+
+  Those messages are written before TensorFlow's logging is configured, so no setting
+  silences them: stderr is pointed at /dev/null while the library loads.
+  """
+  if show_logs:
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    import tensorflow as tf
+    tf.config.list_physical_devices()
+    return
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    import tensorflow as tf
+    tf.config.list_physical_devices()
+  finally:
+    os.dup2(saved, 2)
+    os.close(devnull)
+    os.close(saved)
+  # TensorFlow's Python-side INFO chatter (e.g. every checkpoint save) stays hidden too.
+  tf.get_logger().setLevel("WARNING")
 
 
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  _import_tensorflow(FLAGS.tf_logs)
   try:
     config = config_from_flags()
   except config_lib.ConfigError as e:
     _fail(str(e))
-  # Imported after validation so that --help and flag errors answer without loading TF.
   from input_pipeline import sources
-  from trainer import distribute, train
+  from trainer import checkpoints, distribute, export, train
 
-  logging.info("config:\n%s", config.to_json())
+  logging.info("config: %s", " ".join(f"{k}={v}" for k, v in vars(config).items()))
   try:
     distribute.configure_cpu_devices(config.cpu_devices)
+    if config.mode == "export":
+      result = export.export(config)
+      print(f"exported {result['checkpoint']} to {result['saved_model']} and "
+            f"{result['keras']}")
+      return
     strategy = distribute.make_strategy(
         config.strategy, num_gpus=config.num_gpus, tpu=config.tpu,
         all_reduce=config.all_reduce, peer_timeout_seconds=config.peer_timeout_seconds)
+    if config.mode == "eval":
+      metrics = train.evaluate_checkpoint(config, strategy)
+      print(f"eval: {metrics['model']} {metrics['checkpoint']} (step {metrics['step']}): "
+            f"test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f} "
+            f"on {metrics['examples']} images; written to "
+            f"{os.path.join(config.model_dir, train.EVAL_FILE)}")
+      return
     metrics = train.train_and_evaluate(config, strategy)
-  except (config_lib.ConfigError, sources.DataError, distribute.DistributionError) as e:
+  except (config_lib.ConfigError, sources.DataError, distribute.DistributionError,
+          checkpoints.CheckpointError) as e:
     _fail(str(e))
+  except train.TrainingError as e:
+    _fail(str(e), code=1)
   print(f"done: {metrics['model']} test accuracy {metrics['test_accuracy']:.4f} after "
         f"{metrics['epochs']} epochs ({metrics['steps']} steps) in "
         f"{metrics['wall_seconds']:.0f} s, {metrics['images_per_second'] or float('nan'):.1f} "

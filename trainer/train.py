@@ -1,9 +1,8 @@
 """The training loop: model and optimizer inside the strategy's scope, per-epoch evaluation,
-TensorBoard summaries, checkpoints, resume, and metrics.json at the end.
+TensorBoard summaries, checkpoints, resume after a crash, metrics.json, and --mode=eval.
 """
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -14,13 +13,15 @@ import keras
 import tensorflow as tf
 
 from input_pipeline import pipeline, sources
-from trainer import distribute, resnet
+from trainer import checkpoints, distribute, resnet, summaries
 from trainer.config import Config, ConfigError
 
-CHECKPOINT_SUBDIR = "checkpoints"
-METRICS_FILE = "metrics.json"
-CONFIG_FILE = "config.json"
-HISTORY_FILE = "history.json"
+METRICS_FILE = checkpoints.METRICS_FILE
+EVAL_FILE = "eval.json"
+
+
+class TrainingError(Exception):
+  """Training cannot go on (e.g. the loss diverged); the last good checkpoint is kept."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,18 +57,20 @@ def make_learning_rate(config: Config, schedule: Schedule):
   return keras.optimizers.schedules.CosineDecay(peak, decay_steps)
 
 
-def _sum_variable(dtype=tf.float32) -> tf.Variable:
-  # Summed over replicas only when read: no cross-replica traffic on every step.
+def _on_read_variable(dtype=tf.float32,
+                      aggregation=tf.VariableAggregation.SUM) -> tf.Variable:
+  # Combined over replicas only when read: no cross-replica traffic on every step.
   return tf.Variable(tf.zeros((), dtype), trainable=False,
                      synchronization=tf.VariableSynchronization.ON_READ,
-                     aggregation=tf.VariableAggregation.SUM)
+                     aggregation=aggregation)
 
 
 class _Sums:
   """Loss, correct predictions and example counts, accumulated on the device."""
 
   def __init__(self):
-    self.loss, self.correct, self.count = _sum_variable(), _sum_variable(), _sum_variable()
+    self.loss, self.correct, self.count = (_on_read_variable(), _on_read_variable(),
+                                           _on_read_variable())
 
   def add(self, per_example_loss, logits, labels, weights=None):
     if weights is None:
@@ -78,6 +81,7 @@ class _Sums:
     self.count.assign_add(tf.reduce_sum(weights))
 
   def result(self) -> tuple[float, float, float]:
+    """Returns (mean loss, accuracy, examples) over all replicas."""
     count = float(self.count.numpy())
     loss, correct = float(self.loss.numpy()), float(self.correct.numpy())
     return loss / max(count, 1.0), correct / max(count, 1.0), count
@@ -87,28 +91,97 @@ class _Sums:
       v.assign(tf.zeros_like(v))
 
 
-def _check_writable(model_dir: str) -> None:
-  try:
-    os.makedirs(model_dir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=model_dir):
-      pass
-  except OSError as e:
-    raise ConfigError(f"--model_dir={model_dir} is not writable: {e}") from None
+@dataclasses.dataclass
+class State:
+  """Everything a checkpoint holds, built in the strategy's scope."""
+  model: keras.Model
+  optimizer: keras.optimizers.Optimizer
+  checkpoint: tf.train.Checkpoint
+  step: tf.Variable           # the global step of the last completed training step
+  timed_images: tf.Variable   # training images and seconds, compile time excluded
+  timed_seconds: tf.Variable
+  wall_seconds: tf.Variable   # wall time of the run up to the checkpoint
 
 
-def _write_json_atomically(path: str, payload: dict) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+def build_state(config: Config, strategy: tf.distribute.Strategy, num_classes: int,
+                schedule: Schedule, precision: str) -> State:
+  """Builds the model, optimizer and checkpoint inside the strategy's scope.
+
+  Args:
+    config: the run's settings.
+    strategy: where the variables live.
+    num_classes: size of the classifier.
+    schedule: steps of the run (for the learning-rate schedule).
+    precision: the resolved Keras dtype policy.
+  Returns:
+    the state, freshly initialised (restore a checkpoint into `state.checkpoint`).
+  """
+  keras.mixed_precision.set_global_policy(precision)
+  with strategy.scope():
+    model = resnet.build_model(
+        config.architecture(), num_classes=num_classes,
+        input_mean=pipeline.CIFAR10_MEAN, input_std=pipeline.CIFAR10_STD,
+        bn_momentum=config.bn_momentum, zero_init_residual=config.zero_init_residual,
+        sync_batch_norm=config.sync_batch_norm)
+    optimizer = keras.optimizers.SGD(make_learning_rate(config, schedule),
+                                     momentum=config.momentum, nesterov=config.momentum > 0)
+    if precision == "mixed_float16":
+      optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    counters = [tf.Variable(0, dtype=tf.int64, trainable=False)] + [
+        tf.Variable(0.0, dtype=tf.float64, trainable=False) for _ in range(3)]
+    checkpoint = tf.train.Checkpoint(
+        model=model, optimizer=optimizer, step=counters[0], timed_images=counters[1],
+        timed_seconds=counters[2], wall_seconds=counters[3])
+  return State(model, optimizer, checkpoint, *counters)
 
 
-def _read_history(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return json.load(f)["history"]
+def _checkpoint_bytes(state: State) -> int:
+  variables = state.model.variables + state.optimizer.variables
+  return sum(v.numpy().nbytes for v in variables)
+
+
+def _make_evaluator(strategy: tf.distribute.Strategy, model: keras.Model,
+                    test_split: sources.Split, config: Config, eval_steps: int):
+  """Returns a function that evaluates `model` on the test split: () -> (loss, accuracy)."""
+  with strategy.scope():
+    sums = _Sums()
+
+  def replica_step(images, labels, weights):
+    logits = model(images, training=False)
+    per_example = keras.losses.sparse_categorical_crossentropy(labels, logits,
+                                                               from_logits=True)
+    sums.add(per_example, logits, labels, weights)
+
+  @tf.function
+  def eval_loop(iterator, num_steps):
+    for _ in tf.range(num_steps):
+      strategy.run(replica_step, args=next(iterator))
+
+  def dataset_fn(input_context):
+    return pipeline.eval_pipeline(
+        test_split.as_dataset(),
+        per_replica_batch_size=input_context.get_per_replica_batch_size(
+            config.global_batch_size),
+        num_examples=test_split.num_examples, input_context=input_context)
+
+  dataset = strategy.distribute_datasets_from_function(dataset_fn)
+
+  def evaluate() -> tuple[float, float]:
+    sums.reset()
+    eval_loop(iter(dataset), tf.constant(eval_steps))
+    loss, accuracy, _ = sums.result()
+    return loss, accuracy
+
+  return evaluate
+
+
+def _check_batch(config: Config, strategy: tf.distribute.Strategy) -> int:
+  replicas = strategy.num_replicas_in_sync
+  if config.global_batch_size % replicas:
+    raise ConfigError(f"--global_batch_size={config.global_batch_size} does not divide "
+                      f"evenly over {replicas} replicas; use a multiple of {replicas}")
+  return config.global_batch_size // replicas
 
 
 def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict:
@@ -122,60 +195,66 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
   Raises:
     ConfigError, sources.DataError: for settings or data that cannot work; raised before
       anything is written to the model dir.
+    checkpoints.CheckpointError: when checkpoints exist but none can be restored.
+    TrainingError: when the loss becomes NaN or Inf.
   """
   wall_start = time.time()
-  arch = config.architecture()
+  if config.deterministic:
+    tf.config.experimental.enable_op_determinism()
   train_split, test_split = sources.load_splits(config.data_source, config.data_dir,
                                                 config.seed)
   schedule = make_schedule(config, train_split.num_examples, test_split.num_examples)
+  per_replica_batch_size = _check_batch(config, strategy)
   replicas = strategy.num_replicas_in_sync
-  if config.global_batch_size % replicas:
-    raise ConfigError(f"--global_batch_size={config.global_batch_size} does not divide "
-                      f"evenly over {replicas} replicas")
-  per_replica_batch_size = config.global_batch_size // replicas
   precision = distribute.resolve_precision(config.precision, strategy)
   jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
   chief = distribute.is_chief(strategy)
   # Workers other than the chief write to a scratch dir that they remove at the end.
   out_dir = config.model_dir if chief else tempfile.mkdtemp(prefix="resnet-cifar-worker-")
-  _check_writable(out_dir)
+  checkpoints.check_writable(out_dir)
+  if config.overwrite:
+    checkpoints.clear_run(out_dir)
+  checkpoints.check_compatible(out_dir, config)
+
+  state = build_state(config, strategy, len(train_split.class_names), schedule, precision)
+  model, optimizer = state.model, state.optimizer
+  checkpoints.check_free_space(out_dir, _checkpoint_bytes(state), config.keep_checkpoints)
+  resolved = {"strategy_resolved": type(strategy).__name__, "replicas": replicas,
+              "precision_resolved": precision, "jit_compile_resolved": jit_compile,
+              "per_replica_batch_size": per_replica_batch_size,
+              "scaled_learning_rate": config.scaled_learning_rate,
+              "steps_per_epoch_resolved": schedule.steps_per_epoch,
+              "total_steps": schedule.total_steps, "model": model.name,
+              "class_names": list(train_split.class_names)}
   if chief:
-    _write_json_atomically(os.path.join(out_dir, CONFIG_FILE), dataclasses.asdict(config))
+    checkpoints.write_json_atomically(os.path.join(out_dir, checkpoints.CONFIG_FILE),
+                                      {**dataclasses.asdict(config), **resolved})
   logging.info("strategy %s, %d replica(s), precision %s, XLA %s, global batch %d "
-               "(%d per replica), learning rate %.4g (%.4g x %d/%d), %d steps per epoch",
+               "(%d per replica), learning rate %.4g (%.4g x %d/128), %d steps per epoch",
                type(strategy).__name__, replicas, precision, "on" if jit_compile else "off",
                config.global_batch_size, per_replica_batch_size, config.scaled_learning_rate,
-               config.learning_rate, config.global_batch_size, 128, schedule.steps_per_epoch)
+               config.learning_rate, config.global_batch_size, schedule.steps_per_epoch)
 
-  keras.mixed_precision.set_global_policy(precision)
-  with strategy.scope():
-    model = resnet.build_model(
-        arch, num_classes=len(train_split.class_names),
-        input_mean=pipeline.CIFAR10_MEAN, input_std=pipeline.CIFAR10_STD,
-        bn_momentum=config.bn_momentum, zero_init_residual=config.zero_init_residual,
-        sync_batch_norm=config.sync_batch_norm)
-    optimizer = keras.optimizers.SGD(make_learning_rate(config, schedule),
-                                     momentum=config.momentum, nesterov=config.momentum > 0)
-    if precision == "mixed_float16":
-      optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
-    optimizer.build(model.trainable_variables)
-    train_sums, eval_sums = _Sums(), _Sums()
-    step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-    timed_images = tf.Variable(0.0, dtype=tf.float64, trainable=False)
-    timed_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
-    wall_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var,
-                                     timed_images=timed_images, timed_seconds=timed_seconds,
-                                     wall_seconds=wall_seconds)
-  manager = tf.train.CheckpointManager(checkpoint, os.path.join(out_dir, CHECKPOINT_SUBDIR),
-                                       max_to_keep=config.keep_checkpoints)
-  if manager.latest_checkpoint:
-    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    logging.info("resumed from %s at step %d", manager.latest_checkpoint, int(step_var.numpy()))
-  start_step = int(step_var.numpy())
-  previous_wall = float(wall_seconds.numpy())
+  manager = tf.train.CheckpointManager(
+      state.checkpoint, os.path.join(out_dir, checkpoints.CHECKPOINT_SUBDIR),
+      max_to_keep=config.keep_checkpoints)
+  best_manager = tf.train.CheckpointManager(
+      state.checkpoint, os.path.join(out_dir, checkpoints.BEST_SUBDIR), max_to_keep=1)
+  restored = checkpoints.restore_latest(state.checkpoint, manager)
+  start_step = int(state.step.numpy())
+  if restored:
+    logging.info("resumed from %s at step %d (epoch %.2f)", restored, start_step,
+                 start_step / schedule.steps_per_epoch)
+  previous_wall = float(state.wall_seconds.numpy())
 
   decayed = [v for v in model.trainable_variables if v.path.endswith("kernel")]
+  stage_groups = summaries.group_by_stage(model.trainable_variables)
+  with strategy.scope():
+    train_sums = _Sums()
+    # Replica 0's view is enough: a non-finite loss reaches every replica within a step.
+    first_bad_step = _on_read_variable(tf.int64, tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    grad_norms = {name: _on_read_variable(aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+                  for name in stage_groups}
 
   def compute_gradients(images, labels):
     with tf.GradientTape() as tape:
@@ -195,26 +274,23 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
     # jit_compile=True) fails under MirroredStrategy; see ../shared/docs/tf-keras-facts.md.
     compute_gradients = tf.function(compute_gradients, jit_compile=True)
 
-  def train_replica_step(images, labels):
+  def train_replica_step(step, images, labels):
     grads, per_example, logits = compute_gradients(images, labels)
+    # Norms of this replica's gradients per stage: the vanishing-gradient picture.
+    unscale = tf.cast(optimizer.scale_loss(1.0), tf.float32)
+    for name, indices in stage_groups.items():
+      grad_norms[name].assign(
+          tf.linalg.global_norm([tf.cast(grads[i], tf.float32) for i in indices]) / unscale)
     optimizer.apply_gradients(zip(grads, model.trainable_variables))
     train_sums.add(per_example, logits, labels)
-
-  def eval_replica_step(images, labels, weights):
-    logits = model(images, training=False)
-    per_example = keras.losses.sparse_categorical_crossentropy(labels, logits,
-                                                               from_logits=True)
-    eval_sums.add(per_example, logits, labels, weights)
+    bad = tf.logical_and(tf.equal(first_bad_step, 0),
+                         tf.logical_not(tf.reduce_all(tf.math.is_finite(per_example))))
+    first_bad_step.assign(tf.where(bad, step, first_bad_step))
 
   @tf.function
-  def train_loop(iterator, num_steps):
-    for _ in tf.range(num_steps):
-      strategy.run(train_replica_step, args=next(iterator))
-
-  @tf.function
-  def eval_loop(iterator, num_steps):
-    for _ in tf.range(num_steps):
-      strategy.run(eval_replica_step, args=next(iterator))
+  def train_loop(iterator, first_step, num_steps):
+    for i in tf.range(num_steps):
+      strategy.run(train_replica_step, args=(first_step + i + 1, *next(iterator)))
 
   def train_dataset_fn(input_context):
     return pipeline.train_pipeline(
@@ -224,35 +300,36 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
         seed=config.seed, start_step=start_step, deterministic=config.deterministic,
         input_context=input_context)
 
-  def eval_dataset_fn(input_context):
-    return pipeline.eval_pipeline(
-        test_split.as_dataset(),
-        per_replica_batch_size=input_context.get_per_replica_batch_size(
-            config.global_batch_size),
-        num_examples=test_split.num_examples, input_context=input_context)
-
   train_iterator = iter(strategy.distribute_datasets_from_function(train_dataset_fn))
-  eval_dataset = strategy.distribute_datasets_from_function(eval_dataset_fn)
+  evaluate = _make_evaluator(strategy, model, test_split, config, schedule.eval_steps)
   if chief:
     train_writer = tf.summary.create_file_writer(os.path.join(out_dir, "train"))
     eval_writer = tf.summary.create_file_writer(os.path.join(out_dir, "validation"))
   else:
     train_writer = eval_writer = tf.summary.create_noop_writer()
+  summaries.write_run_info(train_writer, {**dataclasses.asdict(config), **resolved},
+                           start_step)
 
-  def evaluate() -> tuple[float, float]:
-    eval_sums.reset()
-    eval_loop(iter(eval_dataset), tf.constant(schedule.eval_steps))
-    loss, accuracy, _ = eval_sums.result()
-    return loss, accuracy
+  def check_finite(step: int):
+    bad = int(first_bad_step.numpy())
+    if bad:
+      last = manager.latest_checkpoint or "none yet"
+      raise TrainingError(
+          f"the training loss became NaN or Inf at step {bad} (learning rate "
+          f"{float(optimizer.learning_rate.numpy()):.4g} at step {step}); stopped without "
+          f"saving. The last good checkpoint is {last}. Lower --learning_rate or raise "
+          "--warmup_epochs, then rerun (it resumes from that checkpoint).")
 
   def save(step: int):
-    step_var.assign(step)
-    wall_seconds.assign(previous_wall + time.time() - wall_start)
+    check_finite(step)
+    state.step.assign(step)
+    state.wall_seconds.assign(previous_wall + time.time() - wall_start)
     manager.save(checkpoint_number=step)
 
-  history_path = os.path.join(out_dir, HISTORY_FILE)
   # Epochs after the restored checkpoint were lost with the crash: forget them.
-  history = [h for h in _read_history(history_path) if h["step"] <= start_step]
+  history = [h for h in checkpoints.read_history(out_dir) if h["step"] <= start_step]
+  best_accuracy = max((h["test_accuracy"] for h in history), default=-1.0)
+  profile = config.profile_steps
   step = start_step
   first_call = True
   interval_start, interval_step = time.time(), step
@@ -261,21 +338,31 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
                config.epochs, schedule.total_steps, start_step)
   while step < schedule.total_steps:
     epoch_end = (step // schedule.steps_per_epoch + 1) * schedule.steps_per_epoch
-    stop = min(epoch_end, step + config.steps_per_execution,
-               (step // config.log_every_steps + 1) * config.log_every_steps,
-               (step // config.checkpoint_every_steps + 1) * config.checkpoint_every_steps)
+    boundaries = [epoch_end, step + config.steps_per_execution,
+                  (step // config.log_every_steps + 1) * config.log_every_steps,
+                  (step // config.checkpoint_every_steps + 1) * config.checkpoint_every_steps]
+    if profile:
+      boundaries += [b for b in profile if b > step]
+    stop = min(boundaries)
+    if profile and chief and step == profile[0]:
+      tf.profiler.experimental.start(os.path.join(out_dir, "train"))
     call_start = time.time()
-    train_loop(train_iterator, tf.constant(stop - step))
+    train_loop(train_iterator, tf.constant(step, tf.int64), tf.constant(stop - step, tf.int64))
     if first_call:
       # The first call traces and compiles; it is left out of the throughput figures.
       first_call = False
       interval_start, interval_step = time.time(), stop
     else:
-      timed_images.assign_add((stop - step) * config.global_batch_size)
-      timed_seconds.assign_add(time.time() - call_start)
+      state.timed_images.assign_add((stop - step) * config.global_batch_size)
+      state.timed_seconds.assign_add(time.time() - call_start)
     step = stop
+    if profile and chief and step == profile[1]:
+      tf.profiler.experimental.stop()
+      logging.info("profiler trace of steps %d-%d written under %s", *profile,
+                   os.path.join(out_dir, "train", "plugins", "profile"))
     epoch = step / schedule.steps_per_epoch
     if step % config.log_every_steps == 0 or step == epoch_end:
+      check_finite(step)
       loss, accuracy, count = train_sums.result()
       train_sums.reset()
       epoch_sums = [epoch_sums[0] + loss * count, epoch_sums[1] + accuracy * count,
@@ -288,6 +375,8 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
         tf.summary.scalar("loss", loss)
         tf.summary.scalar("accuracy", accuracy)
         tf.summary.scalar("learning_rate", learning_rate)
+        for name, norm in grad_norms.items():
+          tf.summary.scalar(f"gradient_norm/{name}", float(norm.numpy()))
         if step > interval_step:
           tf.summary.scalar("images_per_second", images_per_second)
           tf.summary.scalar("step_time_ms", 1000 * seconds / (step - interval_step))
@@ -298,6 +387,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
                    loss, accuracy, learning_rate, images_per_second, _duration(eta))
       interval_start, interval_step = time.time(), step
     if step == epoch_end:
+      logging.info("evaluating on %d test batches", schedule.eval_steps)
       test_loss, test_accuracy = evaluate()
       train_count = max(epoch_sums[2], 1.0)
       record = {"epoch": round(epoch), "step": step,
@@ -310,19 +400,24 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
         tf.summary.scalar("epoch_loss", record["train_loss"])
         tf.summary.scalar("epoch_accuracy", record["train_accuracy"])
       with eval_writer.as_default(step=step):
-        tf.summary.scalar("loss", test_loss)
-        tf.summary.scalar("accuracy", test_accuracy)
-        tf.summary.scalar("epoch_loss", test_loss)
-        tf.summary.scalar("epoch_accuracy", test_accuracy)
+        for tag in ("loss", "epoch_loss"):
+          tf.summary.scalar(tag, test_loss)
+        for tag in ("accuracy", "epoch_accuracy"):
+          tf.summary.scalar(tag, test_accuracy)
       logging.info("epoch %d/%d train loss %.4f accuracy %.4f, validation loss %.4f "
                    "accuracy %.4f", record["epoch"], config.epochs, record["train_loss"],
                    record["train_accuracy"], test_loss, test_accuracy)
       if chief:
-        _write_json_atomically(history_path, {"history": history})
+        checkpoints.write_json_atomically(os.path.join(out_dir, checkpoints.HISTORY_FILE),
+                                          {"history": history})
       save(step)
+      if test_accuracy > best_accuracy:
+        best_accuracy = test_accuracy
+        best_manager.save(checkpoint_number=step)
       interval_start = time.time()
     elif step % config.checkpoint_every_steps == 0:
       save(step)
+  check_finite(step)
   if history and history[-1]["step"] == step:
     test_loss, test_accuracy = history[-1]["test_loss"], history[-1]["test_accuracy"]
   else:
@@ -331,7 +426,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
   train_writer.flush()
   eval_writer.flush()
 
-  images, seconds = float(timed_images.numpy()), float(timed_seconds.numpy())
+  images, seconds = float(state.timed_images.numpy()), float(state.timed_seconds.numpy())
   metrics = {
       "test_accuracy": test_accuracy,
       "test_loss": test_loss,
@@ -350,9 +445,42 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
       "history": history,
   }
   if chief:
-    _write_json_atomically(os.path.join(out_dir, METRICS_FILE), metrics)
+    checkpoints.write_json_atomically(os.path.join(out_dir, METRICS_FILE), metrics)
   else:
     shutil.rmtree(out_dir, ignore_errors=True)
+  return metrics
+
+
+def evaluate_checkpoint(config: Config, strategy: tf.distribute.Strategy) -> dict:
+  """--mode=eval: evaluates the checkpoint `config.checkpoint` names on the test split.
+
+  Returns:
+    the metrics (also written to <model_dir>/eval.json).
+  Raises:
+    checkpoints.CheckpointError: when there is no such checkpoint.
+  """
+  which = config.checkpoint or "latest"
+  path = checkpoints.resolve_checkpoint(config.model_dir, which)
+  train_split, test_split = sources.load_splits(config.data_source, config.data_dir,
+                                                config.seed)
+  schedule = make_schedule(config, train_split.num_examples, test_split.num_examples)
+  _check_batch(config, strategy)
+  precision = distribute.resolve_precision(config.precision, strategy)
+  state = build_state(config, strategy, len(test_split.class_names), schedule, precision)
+  try:
+    state.checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
+  except (tf.errors.OpError, AssertionError, ValueError) as e:
+    raise checkpoints.CheckpointError(
+        f"cannot restore {path} into {state.model.name} ({type(e).__name__}); was it "
+        "trained with other --depth/--plain/--stem/--shortcut/--stage_* settings?") from None
+  evaluate = _make_evaluator(strategy, state.model, test_split, config, schedule.eval_steps)
+  loss, accuracy = evaluate()
+  metrics = {"checkpoint": path, "step": int(state.step.numpy()), "test_loss": loss,
+             "test_accuracy": accuracy, "model": state.model.name,
+             "examples": min(test_split.num_examples,
+                             schedule.eval_steps * config.global_batch_size)}
+  if distribute.is_chief(strategy):
+    checkpoints.write_json_atomically(os.path.join(config.model_dir, EVAL_FILE), metrics)
   return metrics
 
 
