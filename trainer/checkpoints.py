@@ -139,7 +139,8 @@ def restore_latest(checkpoint: tf.train.Checkpoint,
     try:
       checkpoint.restore(path).assert_existing_objects_matched()
       return path
-    except (tf.errors.OpError, AssertionError, ValueError) as e:
+    # A truncated file surfaces as an OpError, or as IndexError from the reader.
+    except (tf.errors.OpError, AssertionError, ValueError, IndexError, KeyError) as e:
       logging.warning("checkpoint %s is unreadable (%s: %s); trying an older one", path,
                       type(e).__name__, str(e).splitlines()[0][:200])
   if candidates:

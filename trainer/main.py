@@ -101,7 +101,8 @@ flags.DEFINE_integer("checkpoint_every_steps", 1000, "Checkpoint every N steps (
 flags.DEFINE_integer("keep_checkpoints", 3, "Rolling checkpoints kept.", lower_bound=1)
 flags.DEFINE_boolean("tf_logs", False, "Show TensorFlow's C++ start-up and device messages "
                      "(hidden by default).")
-flags.DEFINE_integer("seed", 0, "Seed of the data order, augmentation and synthetic data.")
+flags.DEFINE_integer("seed", 0, "Seed of the initial weights, data order, augmentation and "
+                     "synthetic data.")
 
 _INT_TUPLES = ("stage_sizes", "stage_widths", "profile_steps")
 

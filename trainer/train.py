@@ -117,6 +117,7 @@ def build_state(config: Config, strategy: tf.distribute.Strategy, num_classes: i
     the state, freshly initialised (restore a checkpoint into `state.checkpoint`).
   """
   keras.mixed_precision.set_global_policy(precision)
+  keras.utils.set_random_seed(config.seed)  # Same initial weights for the same seed.
   with strategy.scope():
     model = resnet.build_model(
         config.architecture(), num_classes=num_classes,

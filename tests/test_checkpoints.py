@@ -1,0 +1,214 @@
+"""Crash and resume with real SIGKILLs, guard rails on --model_dir, eval and export modes."""
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# depth 8 (CIFAR family, n=1) on synthetic data: big enough to checkpoint, fast to run.
+BASE = ["--depth=8", "--data_source=synthetic", "--global_batch_size=16",
+        "--steps_per_epoch=4", "--eval_steps=2", "--log_every_steps=1"]
+
+
+def run_main(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "trainer.main", *BASE, *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def run_and_kill(args: list[str], pattern: str, timeout: float = 300) -> None:
+  """Starts the trainer and SIGKILLs it as soon as a stderr line contains `pattern`."""
+  process = subprocess.Popen([sys.executable, "-m", "trainer.main", *BASE, *args], cwd=REPO,
+                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+  deadline = time.time() + timeout
+  try:
+    for line in process.stderr:
+      if pattern in line:
+        process.send_signal(signal.SIGKILL)
+        break
+      assert time.time() < deadline, "timed out waiting for " + pattern
+    else:
+      pytest.fail(f"the run ended before printing {pattern!r}")
+  finally:
+    process.kill()
+    process.wait()
+
+
+def model_weights(model_dir: pathlib.Path) -> dict[str, np.ndarray]:
+  """The model's variables in the latest checkpoint of a run."""
+  reader = tf.train.load_checkpoint(str(model_dir / "checkpoints"))
+  return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+          if name.startswith("model/")}
+
+
+def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(tmp_path):
+  args = ["--epochs=3", "--deterministic", "--checkpoint_every_steps=1"]
+  reference = tmp_path / "reference"
+  result = run_main(*args, f"--model_dir={reference}")
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  crashed = tmp_path / "crashed"
+  flags = [*args, f"--model_dir={crashed}"]
+  # Mid-epoch (right after step 2's log line, while step 3 runs or step 2 is saved),
+  # during the first evaluation, and during the second epoch's checkpoint saves.
+  for pattern in ("step 2/12", "evaluating on", "step 6/12"):
+    run_and_kill(flags, pattern)
+    metrics_file = crashed / "metrics.json"
+    assert not metrics_file.exists()
+  result = run_main(*flags)
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = json.loads((crashed / "metrics.json").read_text())
+  assert metrics["steps"] == 12 and metrics["epochs"] == 3
+  assert metrics["resumed_from_step"] >= 5  # killed after step 6 ran, before its save
+  assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+
+  # Deterministic data, op determinism and an exact restore: bit-identical weights.
+  expected, actual = model_weights(reference), model_weights(crashed)
+  assert expected.keys() == actual.keys() and expected
+  for name in expected:
+    np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
+  model_dir = tmp_path / "run"
+  assert run_main("--epochs=2", f"--model_dir={model_dir}").returncode == 0
+  latest = model_dir / "checkpoints" / "ckpt-8.data-00000-of-00001"
+  latest.write_bytes(latest.read_bytes()[:100])  # A truncated write.
+  result = run_main("--epochs=3", f"--model_dir={model_dir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "ckpt-8 is unreadable" in result.stderr
+  metrics = json.loads((model_dir / "metrics.json").read_text())
+  assert metrics["resumed_from_step"] == 4 and metrics["steps"] == 12
+
+
+def _snapshot(directory: pathlib.Path) -> dict[str, tuple[int, int]]:
+  return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in directory.rglob("*") if p.is_file()}
+
+
+def test_different_architecture_is_refused_and_nothing_changes(tmp_path):
+  model_dir = tmp_path / "run"
+  assert run_main("--epochs=1", f"--model_dir={model_dir}").returncode == 0
+  before = _snapshot(model_dir)
+  result = run_main("--epochs=1", "--plain=true", "--global_batch_size=32",
+                    f"--model_dir={model_dir}")
+  assert result.returncode == 2
+  assert "--plain: False" in result.stderr and "--global_batch_size: 16" in result.stderr
+  assert "--overwrite" in result.stderr and "Traceback" not in result.stderr
+  assert _snapshot(model_dir) == before
+
+  result = run_main("--epochs=1", "--plain=true", "--overwrite", f"--model_dir={model_dir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  config = json.loads((model_dir / "config.json").read_text())
+  assert config["plain"] is True and config["model"] == "plain8"
+  assert json.loads((model_dir / "metrics.json").read_text())["resumed_from_step"] == 0
+
+
+def test_unwritable_model_dir_fails_before_training(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  result = run_main("--epochs=1", f"--model_dir={blocker}/run")
+  assert result.returncode == 2
+  assert "not writable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_full_disk_fails_before_training(tmp_path, monkeypatch):
+  from trainer import checkpoints, config as config_lib, train
+  monkeypatch.setattr(checkpoints.shutil, "disk_usage",
+                      lambda path: type("Usage", (), {"free": 1 << 20})())
+  config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=16,
+                             steps_per_epoch=2, epochs=1, model_dir=str(tmp_path / "run"))
+  with pytest.raises(config_lib.ConfigError, match="MiB free"):
+    train.train_and_evaluate(config, tf.distribute.get_strategy())
+  assert not (tmp_path / "run" / "checkpoints").exists()
+  assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+  model_dir = tmp_path / "run"
+  assert run_main("--epochs=1", f"--model_dir={model_dir}").returncode == 0
+  metrics_before = (model_dir / "metrics.json").read_text()
+  result = run_main("--epochs=3", "--learning_rate=1e30", "--checkpoint_every_steps=1",
+                    f"--model_dir={model_dir}")
+  assert result.returncode == 1
+  assert "NaN or Inf at step" in result.stderr and "Traceback" not in result.stderr
+  bad_step = int(re.search(r"NaN or Inf at step (\d+)", result.stderr).group(1))
+  latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
+  # Nothing was saved from the step that went bad on.
+  assert 4 <= int(latest.rsplit("-", 1)[1]) < bad_step
+  assert os.path.basename(latest) in result.stderr
+  assert (model_dir / "metrics.json").read_text() == metrics_before
+  reader = tf.train.load_checkpoint(str(model_dir / "checkpoints"))
+  for name in reader.get_variable_to_shape_map():
+    value = reader.get_tensor(name)
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+      assert np.isfinite(value).all(), name
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> pathlib.Path:
+  model_dir = tmp_path_factory.mktemp("trained") / "run"
+  result = run_main("--epochs=2", f"--model_dir={model_dir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return model_dir
+
+
+@pytest.mark.parametrize("which", ["latest", "best"])
+def test_eval_mode_writes_metrics(trained_run, which):
+  result = run_main("--mode=eval", f"--checkpoint={which}", f"--model_dir={trained_run}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "test accuracy" in result.stdout
+  metrics = json.loads((trained_run / "eval.json").read_text())
+  assert 0.0 <= metrics["test_accuracy"] <= 1.0
+  assert metrics["examples"] == 32  # --eval_steps=2 x 16
+  if which == "latest":
+    assert metrics["checkpoint"].endswith("checkpoints/ckpt-8")
+
+
+def test_eval_and_export_without_checkpoint_fail_clearly(tmp_path):
+  for mode in ("eval", "export"):
+    result = run_main(f"--mode={mode}", f"--model_dir={tmp_path / 'empty'}")
+    assert result.returncode == 2
+    assert "no checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_export_round_trip_in_a_fresh_process(trained_run, tmp_path):
+  result = run_main("--mode=export", "--checkpoint=latest", f"--model_dir={trained_run}",
+                    f"--export_dir={tmp_path / 'export'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+  np.save(tmp_path / "images.npy", images)
+  script = f"""
+import numpy as np, tensorflow as tf, keras
+import trainer.resnet  # registers the custom shortcut layer for .keras loading
+images = np.load({str(tmp_path / 'images.npy')!r})
+loaded = tf.saved_model.load({str(tmp_path / 'export' / 'saved_model')!r})
+np.save({str(tmp_path / 'saved_model.npy')!r}, loaded.serve(tf.constant(images)).numpy())
+model = keras.saving.load_model({str(tmp_path / 'export' / 'model.keras')!r})
+np.save({str(tmp_path / 'keras.npy')!r}, model(images, training=False).numpy())
+"""
+  fresh = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+  assert fresh.returncode == 0, fresh.stderr[-3000:]
+
+  # The reference: the same checkpoint restored into a freshly built model here.
+  import keras
+  from input_pipeline import pipeline
+  from trainer import resnet
+  keras.mixed_precision.set_global_policy("float32")
+  model = resnet.build_model(resnet.architecture(8), input_mean=pipeline.CIFAR10_MEAN,
+                             input_std=pipeline.CIFAR10_STD)
+  tf.train.Checkpoint(model=model).restore(
+      str(trained_run / "checkpoints" / "ckpt-8")).expect_partial()
+  expected = model(images, training=False).numpy()
+  for name in ("saved_model", "keras"):
+    np.testing.assert_allclose(np.load(tmp_path / f"{name}.npy"), expected, rtol=1e-5,
+                               atol=1e-5, err_msg=name)
