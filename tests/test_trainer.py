@@ -33,6 +33,15 @@ def image_folder(tmp_path_factory) -> pathlib.Path:
   return root
 
 
+def event_tags(log_dir: pathlib.Path) -> set[str]:
+  """Every summary tag written under a TensorBoard log dir."""
+  tags = set()
+  for path in log_dir.glob("events.out.tfevents.*"):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      tags.update(value.tag for value in event.summary.value)
+  return tags
+
+
 def run_main(*args: str) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-m", "trainer.main", *args], cwd=REPO,
                         capture_output=True, text=True, timeout=300)
@@ -46,7 +55,7 @@ def small_args(model_dir, data_dir, epochs=1) -> list[str]:
 
 def test_entrypoint_trains_writes_outputs_and_resumes(tmp_path, image_folder):
   model_dir = tmp_path / "run"
-  first = run_main(*small_args(model_dir, image_folder, epochs=1))
+  first = run_main(*small_args(model_dir, image_folder, epochs=1), "--profile_steps=1,2")
   assert first.returncode == 0, first.stderr[-3000:]
   assert "test accuracy" in first.stdout
   assert list((model_dir / "checkpoints").glob("ckpt-2.index"))
@@ -57,6 +66,14 @@ def test_entrypoint_trains_writes_outputs_and_resumes(tmp_path, image_folder):
   assert metrics["steps"] == 2 and metrics["epochs"] == 1
   for key in ("wall_seconds", "images_per_second"):
     assert key in metrics
+  train_tags = event_tags(model_dir / "train")
+  for tag in ("loss", "accuracy", "learning_rate", "images_per_second", "step_time_ms",
+              "epoch_loss", "epoch_accuracy", "config", "_hparams_/session_start_info",
+              "gradient_norm/stem", "gradient_norm/stage1", "gradient_norm/stage3",
+              "gradient_norm/head"):
+    assert tag in train_tags, tag
+  assert {"loss", "accuracy"} <= event_tags(model_dir / "validation")
+  assert list((model_dir / "train" / "plugins" / "profile").rglob("*.xplane.pb"))
 
   second = run_main(*small_args(model_dir, image_folder, epochs=2))
   assert second.returncode == 0, second.stderr[-3000:]
