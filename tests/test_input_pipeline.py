@@ -1,0 +1,451 @@
+"""Tests of input_pipeline/: the transforms on random uint8 images (eagerly and inside
+tf.data), determinism and resume, sharding, evaluation padding, and every bad input."""
+
+import importlib.resources
+import pathlib
+import subprocess
+import sys
+import time
+from unittest import mock
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from input_pipeline import pipeline, sources
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PAD = pipeline.PAD
+
+
+def random_images(count: int, seed: int = 0, shape=(32, 32, 3)) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, 256, (count, *shape), dtype=np.uint8)
+
+
+def window_of(output: np.ndarray, source: np.ndarray) -> tuple[int, int, bool] | None:
+  """(top, left, flipped) of the window of the PAD-padded source that output equals."""
+  height, width = source.shape[:2]
+  padded = np.pad(source, [(PAD, PAD), (PAD, PAD), (0, 0)])
+  for top in range(2 * PAD + 1):
+    for left in range(2 * PAD + 1):
+      window = padded[top:top + height, left:left + width]
+      if np.array_equal(output, window):
+        return top, left, False
+      if np.array_equal(output, window[:, ::-1]):
+        return top, left, True
+  return None
+
+
+def take(dataset: tf.data.Dataset, count: int) -> list:
+  return [tuple(t.numpy() for t in element) for element in dataset.take(count)]
+
+
+def labelled_dataset(count: int, seed: int = 0):
+  """Random images whose label is their index, so every output names its source."""
+  images = random_images(count, seed)
+  return images, tf.data.Dataset.from_tensor_slices((images, np.arange(count, dtype=np.int64)))
+
+
+# Training transform.
+
+def test_augment_batch_eagerly_gives_windows_of_the_padded_input_possibly_flipped():
+  images = random_images(64)
+  outputs = pipeline.augment_batch(tf.constant(images), tf.constant([1, 2], tf.int64)).numpy()
+  assert outputs.dtype == np.uint8 and outputs.shape == images.shape
+  found = [window_of(out, src) for out, src in zip(outputs, images)]
+  assert None not in found
+  # Offsets and flips are random per image: over 64 images, both flips and many offsets.
+  assert {flipped for _, _, flipped in found} == {False, True}
+  assert len({(top, left) for top, left, _ in found}) > 20
+
+
+def test_augment_batch_flip_is_exactly_left_right():
+  image = random_images(1)
+  outputs = pipeline.augment_batch(tf.constant(image.repeat(400, axis=0)),
+                                   tf.constant([0, 0], tf.int64)).numpy()
+  # Outputs cropped at the centre (no shift) are the image or exactly its mirror.
+  seen = set()
+  for out in outputs:
+    top, left, flipped = window_of(out, image[0])
+    if (top, left) == (PAD, PAD):
+      np.testing.assert_array_equal(out, image[0][:, ::-1] if flipped else image[0])
+      seen.add(flipped)
+  assert seen == {False, True}
+
+
+def test_augment_batch_covers_every_offset():
+  images = random_images(1).repeat(512, axis=0)
+  outputs = pipeline.augment_batch(tf.constant(images), tf.constant([3, 4], tf.int64))
+  found = {window_of(out, images[0]) for out in outputs.numpy()}
+  assert {(t, l) for t, l, _ in found} == {(t, l) for t in range(2 * PAD + 1)
+                                           for l in range(2 * PAD + 1)}
+
+
+def test_augment_batch_inside_tf_data_equals_eager():
+  images = random_images(16)
+  seed = tf.constant([5, 6], tf.int64)
+  dataset = tf.data.Dataset.from_tensors(images).map(
+      lambda batch: pipeline.augment_batch(batch, seed))
+  inside = next(iter(dataset)).numpy()
+  np.testing.assert_array_equal(inside, pipeline.augment_batch(tf.constant(images), seed))
+  assert all(window_of(out, src) for out, src in zip(inside, images))
+
+
+def test_train_pipeline_batches_are_augmented_examples_with_their_labels():
+  images, dataset = labelled_dataset(96)
+  train = pipeline.train_pipeline(dataset, per_replica_batch_size=8, seed=0,
+                                  deterministic=True)
+  assert train.element_spec[0].shape == (8, 32, 32, 3)
+  assert train.element_spec[0].dtype == tf.uint8
+  assert train.element_spec[1].shape == (8,) and train.element_spec[1].dtype == tf.int32
+  for batch_images, batch_labels in take(train, 6):
+    for image, label in zip(batch_images, batch_labels):
+      assert window_of(image, images[label]) is not None
+
+
+def test_train_pipeline_shuffles_the_whole_shard_every_epoch():
+  _, dataset = labelled_dataset(100)
+  train = pipeline.train_pipeline(dataset, per_replica_batch_size=8, seed=0,
+                                  deterministic=True)
+  # 100 // 8 = 12 batches an epoch; the last 4 examples of each epoch's order are dropped.
+  epochs = [np.concatenate([labels for _, labels in take(train.skip(12 * e), 12)])
+            for e in range(2)]
+  for labels in epochs:
+    assert len(set(labels)) == 96
+  assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_train_pipeline_works_with_big_batches_and_chunks():
+  _, dataset = labelled_dataset(3000)
+  train = pipeline.train_pipeline(dataset, per_replica_batch_size=1500, seed=0,
+                                  deterministic=True)
+  batches = take(train, 3)
+  assert [len(labels) for _, labels in batches] == [1500] * 3
+  assert len(set(np.concatenate([labels for _, labels in batches[:2]]))) == 3000
+
+
+# Determinism and resume.
+
+def test_deterministic_gives_the_same_batches_twice():
+  _, dataset = labelled_dataset(64)
+  make = lambda seed: take(pipeline.train_pipeline(
+      dataset, per_replica_batch_size=8, seed=seed, deterministic=True), 20)
+  first, second, other = make(7), make(7), make(8)
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+  assert any(not np.array_equal(a[1], c[1]) for a, c in zip(first, other))
+
+
+def test_not_deterministic_differs_between_runs():
+  _, dataset = labelled_dataset(64)
+  make = lambda: take(pipeline.train_pipeline(dataset, per_replica_batch_size=8, seed=7), 4)
+  first, second = make(), make()
+  assert any(not np.array_equal(a[0], b[0]) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("start_step", [1, 5, 8, 13, 27])
+def test_deterministic_resume_equals_the_unskipped_pipeline(start_step):
+  # 8 batches an epoch, 4 batches a chunk (CHUNK_IMAGES / 8): the steps cross both.
+  _, dataset = labelled_dataset(70)
+  with mock.patch.object(pipeline, "CHUNK_IMAGES", 32):
+    make = lambda step: pipeline.train_pipeline(
+        dataset, per_replica_batch_size=8, seed=3, start_step=step, deterministic=True)
+    unskipped = take(make(0), start_step + 6)[start_step:]
+    resumed = take(make(start_step), 6)
+  for a, b in zip(unskipped, resumed):
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_resume_skips_one_batch_per_replica_the_pipeline_feeds():
+  _, dataset = labelled_dataset(64)
+  context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0,
+                                       num_replicas_in_sync=2)
+  make = lambda step: pipeline.train_pipeline(dataset, per_replica_batch_size=4, seed=0,
+                                              start_step=step, deterministic=True,
+                                              input_context=context)
+  unskipped = take(make(0), 10)
+  resumed = take(make(3), 4)  # 3 global steps = 6 batches of this pipeline
+  for a, b in zip(unskipped[6:], resumed):
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+# Sharding and distribution.
+
+def contexts(pipelines: int, replicas: int | None = None):
+  return [tf.distribute.InputContext(num_input_pipelines=pipelines, input_pipeline_id=i,
+                                     num_replicas_in_sync=replicas or pipelines)
+          for i in range(pipelines)]
+
+
+def test_two_input_contexts_train_on_disjoint_shards_that_cover_the_data():
+  _, dataset = labelled_dataset(48)
+  seen = []
+  for context in contexts(2):
+    train = pipeline.train_pipeline(dataset, per_replica_batch_size=8, seed=0,
+                                    deterministic=True, input_context=context)
+    # 24 examples a shard = 3 batches an epoch.
+    labels = np.concatenate([labels for _, labels in take(train, 3)])
+    assert len(set(labels)) == 24
+    assert set(labels) == {i for i in range(48) if i % 2 == context.input_pipeline_id}
+    seen.append(set(labels))
+  assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(48))
+
+
+def test_eval_pipeline_is_the_identity_in_order_with_zero_weight_padding():
+  images, dataset = labelled_dataset(21)
+  evaluation = pipeline.eval_pipeline(dataset, per_replica_batch_size=8, num_examples=21)
+  assert evaluation.element_spec[0].shape == (8, 32, 32, 3)
+  batches = take(evaluation, 100)
+  assert len(batches) == pipeline.eval_steps(21, 8) == 3
+  out_images = np.concatenate([b[0] for b in batches])
+  out_labels = np.concatenate([b[1] for b in batches])
+  weights = np.concatenate([b[2] for b in batches])
+  np.testing.assert_array_equal(out_images[:21], images)
+  np.testing.assert_array_equal(out_labels[:21], np.arange(21))
+  np.testing.assert_array_equal(weights, [1.0] * 21 + [0.0] * 3)
+  assert not out_images[21:].any() and out_images.dtype == np.uint8
+  # A second pass gives the same batches.
+  np.testing.assert_array_equal(np.concatenate([b[0] for b in take(evaluation, 100)]),
+                                out_images)
+
+
+@pytest.mark.parametrize("pipelines, replicas", [(2, 2), (1, 2), (2, 4)])
+def test_eval_pipelines_see_every_example_once_in_the_same_number_of_batches(
+    pipelines, replicas):
+  _, dataset = labelled_dataset(37)
+  global_batch_size = 4 * replicas
+  counts, labels = [], []
+  for context in contexts(pipelines, replicas):
+    batches = take(pipeline.eval_pipeline(
+        dataset, per_replica_batch_size=context.get_per_replica_batch_size(
+            global_batch_size), num_examples=37, input_context=context), 100)
+    counts.append(len(batches))
+    for _, batch_labels, weights in batches:
+      labels += list(batch_labels[weights > 0])
+  steps = pipeline.eval_steps(37, global_batch_size)
+  assert counts == [steps * replicas // pipelines] * pipelines
+  assert sorted(labels) == list(range(37))
+
+
+def test_eval_pipeline_rejects_a_dataset_larger_than_num_examples():
+  _, dataset = labelled_dataset(10)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="does not hold num_examples"):
+    take(pipeline.eval_pipeline(dataset, per_replica_batch_size=4, num_examples=8), 10)
+
+
+def test_mirrored_strategy_gets_per_replica_batches_and_exact_evaluation():
+  devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+  strategy = tf.distribute.MirroredStrategy(devices)
+  _, dataset = labelled_dataset(40)
+
+  def train_fn(context):
+    return pipeline.train_pipeline(dataset, per_replica_batch_size=
+                                   context.get_per_replica_batch_size(8), seed=0,
+                                   deterministic=True, input_context=context)
+
+  def eval_fn(context):
+    return pipeline.eval_pipeline(dataset, per_replica_batch_size=
+                                  context.get_per_replica_batch_size(8), num_examples=40,
+                                  input_context=context)
+
+  images, labels = next(iter(strategy.distribute_datasets_from_function(train_fn)))
+  assert [t.shape for t in strategy.experimental_local_results(images)] == [(4, 32, 32, 3)] * 2
+  seen = []
+  for _, labels, weights in strategy.distribute_datasets_from_function(eval_fn):
+    for l, w in zip(strategy.experimental_local_results(labels),
+                    strategy.experimental_local_results(weights)):
+      seen += list(l.numpy()[w.numpy() > 0])
+  assert sorted(seen) == list(range(40))
+
+
+def test_train_pipeline_rejects_a_batch_larger_than_the_shard():
+  _, dataset = labelled_dataset(10)
+  with pytest.raises(ValueError, match="per_replica_batch_size=16"):
+    pipeline.train_pipeline(dataset, per_replica_batch_size=16, seed=0)
+
+
+# Sources.
+
+def write_image(path: pathlib.Path, image: np.ndarray) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  encode = tf.io.encode_png if path.suffix == ".png" else tf.io.encode_jpeg
+  path.write_bytes(encode(image).numpy())
+
+
+def make_folder(root: pathlib.Path, classes=("cat", "airplane", "dog"), train=3, test=2,
+                suffix=".png") -> pathlib.Path:
+  rng = np.random.default_rng(0)
+  for split, count in (("train", train), ("test", test)):
+    for name in classes:
+      for i in range(count):
+        write_image(root / split / name / f"{i}{suffix}",
+                    rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+  return root
+
+
+def test_folder_labels_follow_sorted_class_folder_names(tmp_path):
+  root = make_folder(tmp_path)
+  image = random_images(1, seed=9)[0]
+  write_image(root / "train" / "dog" / "z.png", image)
+  train, test = sources.load_splits("folder", str(root))
+  assert train.class_names == test.class_names == ("airplane", "cat", "dog")
+  assert train.images.dtype == np.uint8 and train.images.shape == (10, 32, 32, 3)
+  assert train.labels.dtype == np.int32
+  np.testing.assert_array_equal(train.labels, [0] * 3 + [1] * 3 + [2] * 4)
+  np.testing.assert_array_equal(test.labels, [0, 0, 1, 1, 2, 2])
+  # Files are sorted within a class: z.png comes last, decoded exactly (PNG).
+  np.testing.assert_array_equal(train.images[-1], image)
+
+
+def test_folder_reads_jpeg_and_many_files(tmp_path):
+  root = make_folder(tmp_path, classes=("a", "b"), train=150, test=1, suffix=".jpg")
+  train, _ = sources.load_splits("folder", str(root))
+  assert train.num_examples == 300  # more than one decoding chunk
+  last = sorted((root / "train" / "b").iterdir())[-1]  # files sort by name: 99.jpg
+  original = tf.io.decode_jpeg(last.read_bytes()).numpy()
+  np.testing.assert_array_equal(train.images[-1], original)
+
+
+def test_folder_converts_grayscale_to_rgb(tmp_path):
+  root = make_folder(tmp_path)
+  gray = random_images(1, shape=(32, 32, 1))[0]
+  write_image(root / "train" / "cat" / "gray.png", gray)
+  train, _ = sources.load_splits("folder", str(root))
+  index = [i for i, label in enumerate(train.labels) if label == 1][-1]
+  np.testing.assert_array_equal(train.images[index], np.repeat(gray, 3, axis=-1))
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda root: None, "data dir does not exist"),
+    (lambda root: make_folder(root, test=0), "test: no such directory"),
+    (lambda root: (make_folder(root), _remove_tree(root / "train")),
+     "train: no such directory"),
+    (lambda root: (make_folder(root), (root / "train" / "horse").mkdir(),
+                   (root / "test" / "horse").mkdir()), "horse: class folder is empty"),
+    (lambda root: (make_folder(root), (root / "train" / "horse").mkdir()),
+     "different class folders"),
+    (lambda root: (make_folder(root), (root / "train" / "cat" / "3.png").write_bytes(
+        b"not a png")), "3.png: not a readable PNG/JPEG image"),
+    (lambda root: (make_folder(root), (root / "train" / "cat" / "4.jpg").write_bytes(b"")),
+     "4.jpg: not a readable PNG/JPEG image"),
+    (lambda root: (make_folder(root), (root / "test" / "dog" / "notes.txt").write_text(
+        "hello")), "notes.txt: not an image file"),
+    (lambda root: (make_folder(root), write_image(
+        root / "train" / "dog" / "big.png", random_images(1, shape=(64, 48, 3))[0])),
+     "big.png: image is 48x64 pixels, expected 32x32"),
+])
+def test_bad_folders_fail_with_a_message_naming_the_path(tmp_path, breakage, message):
+  root = tmp_path / "data"
+  breakage(root)
+  with pytest.raises(sources.DataError, match=message) as error:
+    sources.load_splits("folder", str(root))
+  assert str(root) in str(error.value)
+
+
+def _remove_tree(path: pathlib.Path) -> None:
+  for child in sorted(path.rglob("*"), reverse=True):
+    child.unlink() if child.is_file() else child.rmdir()
+  path.rmdir()
+
+
+def test_a_bad_image_deep_in_a_big_folder_is_named(tmp_path):
+  root = make_folder(tmp_path, classes=("a", "b"), train=200, test=1)
+  (root / "train" / "b" / "150.png").write_bytes(b"\x89PNG truncated")
+  with pytest.raises(sources.DataError, match=r"b/150\.png: not a readable"):
+    sources.load_splits("folder", str(root))
+
+
+def test_hidden_files_in_class_folders_are_ignored(tmp_path):
+  root = make_folder(tmp_path)
+  (root / "train" / "cat" / ".DS_Store").write_bytes(b"\x00\x01")
+  train, _ = sources.load_splits("folder", str(root))
+  assert train.num_examples == 9
+
+
+def test_trainer_exits_2_with_the_message_on_bad_data(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "trainer.main", "--data_source=folder",
+       f"--data_dir={tmp_path / 'missing'}", f"--model_dir={tmp_path / 'run'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert f"{tmp_path / 'missing'}: data dir does not exist" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_synthetic_source_is_uint8_cifar_shaped():
+  train, test = sources.load_splits("synthetic", None, seed=1, synthetic_examples=(20, 10))
+  assert train.images.shape == (20, 32, 32, 3) and train.images.dtype == np.uint8
+  assert test.labels.shape == (10,) and test.labels.dtype == np.int32
+  assert 0 <= train.labels.min() and train.labels.max() < 10
+  again, _ = sources.load_splits("synthetic", None, seed=1, synthetic_examples=(20, 10))
+  np.testing.assert_array_equal(train.images, again.images)
+
+
+# TFDS.
+
+def test_tfds_empty_data_dir_without_network_fails_fast(tmp_path):
+  start = time.monotonic()
+  with mock.patch.object(sources, "can_reach", return_value=False) as probe, \
+       pytest.raises(sources.DataError, match="cannot be reached") as error:
+    sources.load_splits("tfds", str(tmp_path))
+  assert time.monotonic() - start < 30
+  probe.assert_called_once()
+  assert str(tmp_path) in str(error.value)
+  assert "--data_source=folder" in str(error.value)  # says what to do instead
+
+
+def test_tfds_failed_download_is_a_data_error(tmp_path):
+  import tensorflow_datasets as tfds
+  with mock.patch.object(sources, "can_reach", return_value=True), \
+       mock.patch.object(tfds.core.DatasetBuilder, "download_and_prepare",
+                         side_effect=OSError("connection reset")), \
+       pytest.raises(sources.DataError, match="connection reset") as error:
+    sources.load_splits("tfds", str(tmp_path))
+  assert str(tmp_path) in str(error.value)
+
+
+def test_network_probe_gives_up_on_an_unknown_host():
+  start = time.monotonic()
+  assert not sources.can_reach("host.invalid", timeout=2)
+  assert time.monotonic() - start < 5
+
+
+@pytest.fixture(scope="module")
+def prepared_tfds_dir(tmp_path_factory) -> pathlib.Path:
+  """A genuinely prepared TFDS cifar10 data dir (8 train, 6 test images), made offline.
+
+  TFDS's own builder writes it from CIFAR-10-format binaries in a temporary folder
+  (its download is mocked). tensorflow-datasets 4.9.10 needs `importlib_resources` to
+  prepare a dataset; the standard library's importlib.resources stands in for it here.
+  """
+  import tensorflow_datasets as tfds
+  raw = tmp_path_factory.mktemp("raw") / "cifar-10-batches-bin"
+  raw.mkdir()
+  rng = np.random.default_rng(0)
+  for name, count in [(f"data_batch_{i}.bin", 2) for i in range(1, 5)] + [
+      ("data_batch_5.bin", 0), ("test_batch.bin", 6)]:
+    records = [bytes([i % 10]) + rng.integers(0, 256, 3072, dtype=np.uint8).tobytes()
+               for i in range(count)]
+    (raw / name).write_bytes(b"".join(records))
+  (raw / "batches.meta.txt").write_text("\n".join(
+      ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+       "truck"]) + "\n")
+  data_dir = tmp_path_factory.mktemp("tfds")
+  with mock.patch.dict(sys.modules, {"importlib_resources": sys.modules.get(
+      "importlib_resources", importlib.resources)}), \
+       mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
+                         return_value=str(raw.parent)):
+    tfds.builder("cifar10", data_dir=str(data_dir)).download_and_prepare()
+  return data_dir
+
+
+def test_prepared_tfds_dir_loads_with_no_network(prepared_tfds_dir):
+  with mock.patch.object(sources, "can_reach", side_effect=AssertionError("network")), \
+       mock.patch("socket.create_connection", side_effect=AssertionError("network")):
+    train, test = sources.load_splits("tfds", str(prepared_tfds_dir))
+  assert train.images.shape == (8, 32, 32, 3) and train.images.dtype == np.uint8
+  assert test.num_examples == 6 and test.labels.dtype == np.int32
+  assert train.class_names[:2] == ("airplane", "automobile")
