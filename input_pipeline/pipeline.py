@@ -23,15 +23,15 @@ def crop_table(images: tf.Tensor) -> tf.Tensor:
   Args:
     images: uint8 [N, H, W, C].
   Returns:
-    uint8 [N * W + 1, (H + 2 * PAD) * C]: row n * W + x holds column x of image n with
-    PAD zero pixels above and below; the last row is all zeros (the side padding).
+    uint8 [(N + 1) * W, (H + 2 * PAD) * C]: row n * W + x holds column x of image n with
+    PAD zero pixels above and below; the last W rows (a blank image) are all zeros.
   """
   shape = tf.shape(images)
   n, height, width, channels = shape[0], shape[1], shape[2], shape[3]
-  padded = tf.pad(images, [[0, 0], [PAD, PAD], [0, 0], [0, 0]])
-  columns = tf.reshape(tf.transpose(padded, [0, 2, 1, 3]),
-                       [n * width, (height + 2 * PAD) * channels])
-  return tf.concat([columns, tf.zeros_like(columns[:1])], axis=0)
+  # One extra blank image supplies the zero columns of the side padding.
+  padded = tf.pad(images, [[0, 1], [PAD, PAD], [0, 0], [0, 0]])
+  return tf.reshape(tf.transpose(padded, [0, 2, 1, 3]),
+                    [(n + 1) * width, (height + 2 * PAD) * channels])
 
 
 def augment_from_table(table: tf.Tensor, indices: tf.Tensor, seed: tf.Tensor,
