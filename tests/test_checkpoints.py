@@ -202,11 +202,11 @@ np.save({str(tmp_path / 'keras.npy')!r}, model(images, training=False).numpy())
   # The reference: the same checkpoint restored into a freshly built model here.
   import keras
   from input_pipeline import pipeline
-  from trainer import resnet
+  from trainer import checkpoints, resnet
   keras.mixed_precision.set_global_policy("float32")
   model = resnet.build_model(resnet.architecture(8), input_mean=pipeline.CIFAR10_MEAN,
                              input_std=pipeline.CIFAR10_STD)
-  tf.train.Checkpoint(model=model).restore(
+  tf.train.Checkpoint(model=checkpoints.variables_by_path(model.variables)).restore(
       str(trained_run / "checkpoints" / "ckpt-8")).expect_partial()
   expected = model(images, training=False).numpy()
   for name in ("saved_model", "keras"):

@@ -32,6 +32,15 @@ class CheckpointError(Exception):
   """No usable checkpoint where one is needed; the message says what to do."""
 
 
+def variables_by_path(variables) -> dict:
+  """Keys variables by their path ("stage2_block1_conv1/kernel") for tf.train.Checkpoint.
+
+  Checkpointing a Keras model object would key its variables by layer index, so adding
+  any layer would break older checkpoints; layer names are stable.
+  """
+  return {v.path: v for v in variables}
+
+
 def write_json_atomically(path: str, payload: dict) -> None:
   """Writes JSON so that a crash leaves either the old or the new file, never half."""
   tmp = f"{path}.tmp"

@@ -6,6 +6,8 @@ import json
 DATA_SOURCES = ("tfds", "folder", "synthetic")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 MODES = ("train", "eval", "export")
+RECIPE_NAMES = ("fast", "he2016", "blog")
+LR_SCHEDULES = ("cosine", "he2016", "constant")
 ALL_REDUCE = ("auto", "nccl", "hierarchical_copy", "reduction_to_one_device", "ring")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 JIT_COMPILE = ("auto", "true", "false")
@@ -34,15 +36,24 @@ class Config:
   data_source: str = "tfds"
   data_dir: str | None = None
   deterministic: bool = False
-  # Schedule, counted in epochs here and converted to steps once (see `steps_per_epoch`).
-  epochs: int = 30
+  # Recipe and schedule (defaults: the "fast" recipe). Epochs are converted to steps once,
+  # in trainer.train.make_schedule; epochs=None means the he2016 paper length.
+  recipe: str = "fast"
+  epochs: int | None = 30
   steps_per_epoch: int | None = None
   eval_steps: int | None = None
   global_batch_size: int = 128
   learning_rate: float = 0.1
-  warmup_epochs: float = 1.0
+  lr_schedule: str = "cosine"
+  warmup_epochs: float = 2.0
   momentum: float = 0.9
+  nesterov: bool = True
   weight_decay: float = 5e-4
+  label_smoothing: float = 0.1
+  clipnorm: float | None = None
+  ema_decay: float = 0.0
+  eval_flip: bool = False
+  validation_split: int = 0
   # Hardware.
   strategy: str = "auto"
   num_gpus: int | None = None
@@ -67,6 +78,8 @@ class Config:
 
   def __post_init__(self):
     _one_of("mode", self.mode, MODES)
+    _one_of("recipe", self.recipe, RECIPE_NAMES)
+    _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
     _one_of("data_source", self.data_source, DATA_SOURCES)
     _one_of("strategy", self.strategy, STRATEGIES)
     _one_of("precision", self.precision, PRECISIONS)
@@ -76,16 +89,23 @@ class Config:
       self.architecture()
     except ValueError as e:
       raise ConfigError(f"--depth/--stem/--shortcut/--stage_*: {e}") from None
-    for name in ("epochs", "global_batch_size", "cpu_devices", "steps_per_execution",
+    for name in ("global_batch_size", "cpu_devices", "steps_per_execution",
                  "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                  "peer_timeout_seconds"):
       _positive(name, getattr(self, name))
-    for name in ("steps_per_epoch", "eval_steps", "num_gpus"):
+    for name in ("epochs", "steps_per_epoch", "eval_steps", "num_gpus", "clipnorm"):
       if getattr(self, name) is not None:
         _positive(name, getattr(self, name))
     for name in ("learning_rate",):
       _positive(name, getattr(self, name))
-    for name in ("weight_decay", "warmup_epochs", "momentum"):
+    if self.epochs is None and self.lr_schedule != "he2016":
+      raise ConfigError("--epochs is needed unless --lr_schedule=he2016 (whose default "
+                        "length is the paper's 64k iterations)")
+    if not 0 <= self.label_smoothing < 1:
+      raise ConfigError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}")
+    if not 0 <= self.ema_decay < 1:
+      raise ConfigError(f"--ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
+    for name in ("weight_decay", "warmup_epochs", "momentum", "validation_split"):
       if getattr(self, name) < 0:
         raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
     if not 0 <= self.bn_momentum < 1:

@@ -43,8 +43,8 @@ def export(config: Config) -> dict:
                              input_mean=pipeline.CIFAR10_MEAN, input_std=pipeline.CIFAR10_STD,
                              bn_momentum=config.bn_momentum)
   try:
-    tf.train.Checkpoint(model=model).restore(path).expect_partial() \
-        .assert_existing_objects_matched()
+    tf.train.Checkpoint(model=checkpoints.variables_by_path(model.variables)).restore(
+        path).expect_partial().assert_existing_objects_matched()
   except (tf.errors.OpError, AssertionError, ValueError) as e:
     raise checkpoints.CheckpointError(
         f"cannot restore {path} into {model.name} ({type(e).__name__}); was it trained "

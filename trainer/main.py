@@ -35,7 +35,8 @@ flags.DEFINE_list("stage_sizes", None, "Blocks per stage, overriding the depth t
                   "e.g. 3,4,6,3.")
 flags.DEFINE_list("stage_widths", None, "Filters per stage, overriding the depth table, "
                   "e.g. 64,128,256,512.")
-flags.DEFINE_float("bn_momentum", 0.9, "Batch-norm moving-average momentum.")
+flags.DEFINE_float("bn_momentum", None, "Batch-norm moving-average momentum (default: from "
+                   "--recipe; Keras's own default is 0.99).")
 flags.DEFINE_boolean("zero_init_residual", False, "Start the last batch-norm gamma of each "
                      "residual branch at zero.")
 # Data.
@@ -46,20 +47,39 @@ flags.DEFINE_string("data_dir", None, "The TFDS data dir (tfds) or the image fol
                     "(folder).")
 flags.DEFINE_boolean("deterministic", False, "Same data order and augmentation on every run "
                      "(and after a resume); slower input pipeline.")
-# Schedule.
-flags.DEFINE_integer("epochs", 30, "Training epochs.", lower_bound=1)
+# Recipe and schedule. Flags marked "recipe" default to --recipe's value.
+flags.DEFINE_enum("recipe", "fast", list(config_lib.RECIPE_NAMES),
+                  "fast: warm-up + cosine, Nesterov, label smoothing 0.1, 30 epochs; he2016: "
+                  "He et al. Sec. 4.2 (0.1, /10 at 32k and 48k iterations, 64k iterations, "
+                  "weight decay 1e-4); blog: the origin blog post (SGD 0.01, clipnorm 1.0, "
+                  "20 epochs). Every part stays overridable by its own flag.")
+flags.DEFINE_integer("epochs", None, "Training epochs (recipe; he2016: 64k iterations).",
+                     lower_bound=1)
 flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch (smoke runs); default: "
                      "the whole training set.", lower_bound=1)
 flags.DEFINE_integer("eval_steps", None, "Cap on evaluation steps; default: the whole test "
                      "split.", lower_bound=1)
 flags.DEFINE_integer("global_batch_size", 128, "Examples per step over all replicas.",
                      lower_bound=1)
-flags.DEFINE_float("learning_rate", 0.1, "Peak learning rate for a global batch of 128; "
-                   "scaled linearly with --global_batch_size.")
-flags.DEFINE_float("warmup_epochs", 1.0, "Linear learning-rate warm-up before cosine decay.")
-flags.DEFINE_float("momentum", 0.9, "SGD Nesterov momentum (0: plain SGD).")
-flags.DEFINE_float("weight_decay", 5e-4, "L2 weight decay on convolution and dense kernels "
-                   "(never on batch-norm parameters or biases).")
+flags.DEFINE_float("learning_rate", None, "Peak learning rate for a global batch of 128, "
+                   "scaled linearly with --global_batch_size (recipe).")
+flags.DEFINE_enum("lr_schedule", None, list(config_lib.LR_SCHEDULES),
+                  "cosine: linear warm-up then cosine decay to 0; he2016: /10 at 50% and 75% "
+                  "of training (recipe).")
+flags.DEFINE_float("warmup_epochs", None, "Linear learning-rate warm-up (recipe).")
+flags.DEFINE_float("momentum", None, "SGD momentum, 0 for plain SGD (recipe).")
+flags.DEFINE_boolean("nesterov", None, "Nesterov momentum (recipe).")
+flags.DEFINE_float("weight_decay", None, "L2 weight decay on convolution and dense kernels, "
+                   "never on batch-norm parameters or biases (recipe).")
+flags.DEFINE_float("label_smoothing", None, "Label smoothing (recipe).")
+flags.DEFINE_float("clipnorm", None, "Clip each gradient to this norm (recipe; blog: 1.0).")
+flags.DEFINE_float("ema_decay", 0.0, "Also evaluate an exponential moving average of the "
+                   "weights with this decay, e.g. 0.999 (0: off).")
+flags.DEFINE_boolean("eval_flip", False, "Also evaluate with left-right flip test-time "
+                     "augmentation (reported separately).")
+flags.DEFINE_integer("validation_split", 0, "Hold out this many training images for the "
+                     "per-epoch evaluation (he2016 protocol: 5000); the test split is then "
+                     "evaluated once, at the end.", lower_bound=0)
 # Hardware.
 flags.DEFINE_enum("strategy", "auto", list(config_lib.STRATEGIES),
                   "auto: mirrored over 2+ GPUs, one_device on one GPU, default on CPU.")
@@ -108,10 +128,17 @@ _INT_TUPLES = ("stage_sizes", "stage_widths", "profile_steps")
 
 
 def config_from_flags() -> config_lib.Config:
-  """Builds the Config from the parsed flags (flag names equal field names)."""
+  """Builds the Config from the parsed flags (flag names equal field names).
+
+  A field takes its flag's value when the flag was given, else the recipe's value, else
+  the flag's default.
+  """
+  from trainer import recipes
+  recipe = recipes.RECIPES[FLAGS.recipe]
   values = {}
   for field in config_lib.Config.__dataclass_fields__:
-    value = FLAGS[field].value
+    flag = FLAGS[field]
+    value = flag.value if flag.present or field not in recipe else recipe[field]
     if field in _INT_TUPLES and value is not None:
       try:
         value = tuple(int(v) for v in value)
@@ -148,8 +175,10 @@ def _import_tensorflow(show_logs: bool) -> None:
     os.dup2(saved, 2)
     os.close(devnull)
     os.close(saved)
-  # TensorFlow's Python-side INFO chatter (e.g. every checkpoint save) stays hidden too.
+  # TensorFlow's Python-side INFO chatter (e.g. on every checkpoint save) stays hidden too.
   tf.get_logger().setLevel("WARNING")
+  logging.get_absl_handler().addFilter(
+      lambda record: not record.pathname.endswith("functional_saver.py"))
 
 
 def main(argv):

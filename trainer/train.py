@@ -10,11 +10,12 @@ import time
 
 from absl import logging
 import keras
+import numpy as np
 import tensorflow as tf
 
 from input_pipeline import pipeline, sources
-from trainer import checkpoints, distribute, resnet, summaries
-from trainer.config import Config, ConfigError
+from trainer import checkpoints, distribute, recipes, resnet, summaries
+from trainer.config import REFERENCE_BATCH_SIZE, Config, ConfigError
 
 METRICS_FILE = checkpoints.METRICS_FILE
 EVAL_FILE = "eval.json"
@@ -26,30 +27,71 @@ class TrainingError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-  """The run's length in steps; epochs are converted to steps here, once."""
+  """The run's length and learning-rate milestones in steps; converted here, once."""
   steps_per_epoch: int
   total_steps: int
   warmup_steps: int
   eval_steps: int
+  boundaries: tuple[int, ...] = ()  # he2016: steps where the learning rate drops 10x
 
 
-def make_schedule(config: Config, num_train: int, num_test: int) -> Schedule:
-  """Converts the config's epochs into steps for the data at hand."""
+def make_schedule(config: Config, num_train: int, num_eval: int) -> Schedule:
+  """Converts the config's epochs (or the paper's iterations) into steps for the data.
+
+  Args:
+    config: the run's settings.
+    num_train: training examples (after any validation split).
+    num_eval: examples evaluated after each epoch.
+  Returns:
+    the schedule.
+  """
   full_epoch = num_train // config.global_batch_size
   if full_epoch == 0:
     raise ConfigError(f"--global_batch_size={config.global_batch_size} is larger than the "
                       f"{num_train} training examples")
   steps_per_epoch = min(config.steps_per_epoch or full_epoch, full_epoch)
-  eval_steps = pipeline.eval_steps(num_test, config.global_batch_size)
+  eval_steps = pipeline.eval_steps(num_eval, config.global_batch_size)
   if config.eval_steps:
     eval_steps = min(eval_steps, config.eval_steps)
-  return Schedule(steps_per_epoch, config.epochs * steps_per_epoch,
-                  int(config.warmup_epochs * steps_per_epoch), eval_steps)
+  # The paper counts iterations of 128 images; we keep the number of images seen.
+  per_iteration = REFERENCE_BATCH_SIZE / config.global_batch_size
+  if config.epochs is None:
+    total_steps = round(recipes.HE2016_ITERATIONS * per_iteration)
+  else:
+    total_steps = config.epochs * steps_per_epoch
+  warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+  boundaries = ()
+  if config.lr_schedule == "he2016":
+    boundaries = tuple(round(total_steps * b / recipes.HE2016_ITERATIONS)
+                       for b in recipes.HE2016_BOUNDARIES)
+    if config.depth >= recipes.HE2016_WARMUP_MIN_DEPTH and config.warmup_epochs == 0:
+      warmup_steps = round(recipes.HE2016_WARMUP_ITERATIONS * per_iteration)
+  return Schedule(steps_per_epoch, total_steps, warmup_steps, eval_steps, boundaries)
 
 
 def make_learning_rate(config: Config, schedule: Schedule):
-  """Linear warm-up to the batch-scaled learning rate, then cosine decay to 0."""
+  """The learning rate as a function of the step, peak scaled with the global batch.
+
+  cosine: linear warm-up from 0, then cosine decay to 0. he2016: the paper's constant
+  warm-up at 0.01 (deep nets), then the peak divided by 10 at each boundary. constant:
+  the peak throughout.
+  """
   peak = config.scaled_learning_rate
+  if config.lr_schedule == "constant":
+    return peak
+  if config.lr_schedule == "he2016":
+    warmup = recipes.HE2016_WARMUP_LEARNING_RATE / recipes.RECIPES["he2016"]["learning_rate"]
+
+    def rate(step: int) -> float:
+      if step < schedule.warmup_steps:
+        return peak * warmup
+      return peak * 0.1 ** sum(step >= b for b in schedule.boundaries)
+
+    # The schedule is called with the count of completed steps; Keras switches to the
+    # next value once that count exceeds a boundary, hence the -1.
+    changes = sorted({schedule.warmup_steps, *schedule.boundaries} - {0})
+    return keras.optimizers.schedules.PiecewiseConstantDecay(
+        [c - 1 for c in changes], [rate(0)] + [rate(c) for c in changes])
   decay_steps = max(schedule.total_steps - schedule.warmup_steps, 1)
   if schedule.warmup_steps:
     return keras.optimizers.schedules.CosineDecay(
@@ -101,6 +143,7 @@ class State:
   timed_images: tf.Variable   # training images and seconds, compile time excluded
   timed_seconds: tf.Variable
   wall_seconds: tf.Variable   # wall time of the run up to the checkpoint
+  ema: list = dataclasses.field(default_factory=list)  # moving average, when ema_decay
 
 
 def build_state(config: Config, strategy: tf.distribute.Strategy, num_classes: int,
@@ -124,17 +167,38 @@ def build_state(config: Config, strategy: tf.distribute.Strategy, num_classes: i
         input_mean=pipeline.CIFAR10_MEAN, input_std=pipeline.CIFAR10_STD,
         bn_momentum=config.bn_momentum, zero_init_residual=config.zero_init_residual,
         sync_batch_norm=config.sync_batch_norm)
-    optimizer = keras.optimizers.SGD(make_learning_rate(config, schedule),
-                                     momentum=config.momentum, nesterov=config.momentum > 0)
+    optimizer = keras.optimizers.SGD(
+        make_learning_rate(config, schedule), momentum=config.momentum,
+        nesterov=config.nesterov and config.momentum > 0, clipnorm=config.clipnorm,
+        name="sgd")  # Fixed names: variable paths (checkpoint keys) must not get "_1".
     if precision == "mixed_float16":
-      optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer)
+      optimizer = keras.mixed_precision.LossScaleOptimizer(optimizer,
+                                                           name="loss_scale_optimizer")
     optimizer.build(model.trainable_variables)
     counters = [tf.Variable(0, dtype=tf.int64, trainable=False)] + [
         tf.Variable(0.0, dtype=tf.float64, trainable=False) for _ in range(3)]
+    # The moving average covers batch-norm statistics too, not only trainable weights.
+    ema = [tf.Variable(v, trainable=False) for v in _averaged_variables(model)] \
+        if config.ema_decay else []
     checkpoint = tf.train.Checkpoint(
-        model=model, optimizer=optimizer, step=counters[0], timed_images=counters[1],
-        timed_seconds=counters[2], wall_seconds=counters[3])
-  return State(model, optimizer, checkpoint, *counters)
+        model=checkpoints.variables_by_path(model.variables),
+        optimizer=checkpoints.variables_by_path(optimizer.variables),
+        ema={v.path: e for v, e in zip(_averaged_variables(model), ema)},
+        step=counters[0], timed_images=counters[1], timed_seconds=counters[2],
+        wall_seconds=counters[3])
+  return State(model, optimizer, checkpoint, *counters, ema=ema)
+
+
+def _averaged_variables(model: keras.Model) -> list:
+  return [v for v in model.variables if "float" in str(v.dtype)]
+
+
+def _swap_ema(state: State) -> None:
+  """Exchanges the model's weights with their moving average (twice restores them)."""
+  for variable, average in zip(_averaged_variables(state.model), state.ema):
+    current = tf.identity(variable)
+    variable.assign(average)
+    average.assign(current)
 
 
 def _checkpoint_bytes(state: State) -> int:
@@ -142,17 +206,28 @@ def _checkpoint_bytes(state: State) -> int:
   return sum(v.numpy().nbytes for v in variables)
 
 
-def _make_evaluator(strategy: tf.distribute.Strategy, model: keras.Model,
-                    test_split: sources.Split, config: Config, eval_steps: int):
-  """Returns a function that evaluates `model` on the test split: () -> (loss, accuracy)."""
+def _make_evaluator(strategy: tf.distribute.Strategy, state: State, split: sources.Split,
+                    config: Config, eval_steps: int):
+  """Returns a function that evaluates the model on `split`: () -> metrics dict.
+
+  The dict has "loss" and "accuracy"; with config.eval_flip also "flip_loss" and
+  "flip_accuracy" (logits averaged with those of the mirrored images); with an EMA also
+  "ema_loss", "ema_accuracy" (and "ema_flip_..."), so users see what each gives.
+  """
+  model = state.model
   with strategy.scope():
     sums = _Sums()
+    flip_sums = _Sums() if config.eval_flip else None
 
   def replica_step(images, labels, weights):
     logits = model(images, training=False)
-    per_example = keras.losses.sparse_categorical_crossentropy(labels, logits,
-                                                               from_logits=True)
-    sums.add(per_example, logits, labels, weights)
+    loss = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    sums.add(loss, logits, labels, weights)
+    if flip_sums is not None:
+      mirrored = model(tf.reverse(images, axis=[2]), training=False)
+      averaged = (logits + mirrored) / 2
+      loss = keras.losses.sparse_categorical_crossentropy(labels, averaged, from_logits=True)
+      flip_sums.add(loss, averaged, labels, weights)
 
   @tf.function
   def eval_loop(iterator, num_steps):
@@ -161,18 +236,34 @@ def _make_evaluator(strategy: tf.distribute.Strategy, model: keras.Model,
 
   def dataset_fn(input_context):
     return pipeline.eval_pipeline(
-        test_split.as_dataset(),
+        split.as_dataset(),
         per_replica_batch_size=input_context.get_per_replica_batch_size(
             config.global_batch_size),
-        num_examples=test_split.num_examples, input_context=input_context)
+        num_examples=split.num_examples, input_context=input_context)
 
   dataset = strategy.distribute_datasets_from_function(dataset_fn)
 
-  def evaluate() -> tuple[float, float]:
-    sums.reset()
+  def run(prefix: str) -> dict:
+    results = {}
+    for kind, accumulator in (("", sums), ("flip_", flip_sums)):
+      if accumulator is not None:
+        accumulator.reset()
     eval_loop(iter(dataset), tf.constant(eval_steps))
-    loss, accuracy, _ = sums.result()
-    return loss, accuracy
+    for kind, accumulator in (("", sums), ("flip_", flip_sums)):
+      if accumulator is not None:
+        loss, accuracy, _ = accumulator.result()
+        results[f"{prefix}{kind}loss"], results[f"{prefix}{kind}accuracy"] = loss, accuracy
+    return results
+
+  def evaluate() -> dict:
+    results = run("")
+    if state.ema:
+      _swap_ema(state)
+      try:
+        results.update(run("ema_"))
+      finally:
+        _swap_ema(state)
+    return results
 
   return evaluate
 
@@ -183,6 +274,31 @@ def _check_batch(config: Config, strategy: tf.distribute.Strategy) -> int:
     raise ConfigError(f"--global_batch_size={config.global_batch_size} does not divide "
                       f"evenly over {replicas} replicas; use a multiple of {replicas}")
   return config.global_batch_size // replicas
+
+
+def split_validation(train: sources.Split, size: int, seed: int
+                     ) -> tuple[sources.Split, sources.Split]:
+  """Holds out `size` training examples (a seeded random choice) for validation.
+
+  Returns:
+    (the remaining training examples, the held-out examples).
+  """
+  if not 0 < size < train.num_examples:
+    raise ConfigError(f"--validation_split={size} must be between 1 and the "
+                      f"{train.num_examples - 1} training examples")
+  order = np.random.default_rng(seed).permutation(train.num_examples)
+  keep, held = np.sort(order[size:]), np.sort(order[:size])
+  return (sources.Split(train.images[keep], train.labels[keep], train.class_names),
+          sources.Split(train.images[held], train.labels[held], train.class_names))
+
+
+def _load_data(config: Config) -> tuple[sources.Split, sources.Split, sources.Split]:
+  """(train, per-epoch evaluation, final test) splits for the config."""
+  train, test = sources.load_splits(config.data_source, config.data_dir, config.seed)
+  if config.validation_split:
+    train, validation = split_validation(train, config.validation_split, config.seed)
+    return train, validation, test
+  return train, test, test
 
 
 def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict:
@@ -202,9 +318,10 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
   wall_start = time.time()
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
-  train_split, test_split = sources.load_splits(config.data_source, config.data_dir,
-                                                config.seed)
-  schedule = make_schedule(config, train_split.num_examples, test_split.num_examples)
+  train_split, eval_split, test_split = _load_data(config)
+  # With a validation split, epochs are evaluated on it and the test split once, at the end.
+  eval_name = "validation" if config.validation_split else "test"
+  schedule = make_schedule(config, train_split.num_examples, eval_split.num_examples)
   per_replica_batch_size = _check_batch(config, strategy)
   replicas = strategy.num_replicas_in_sync
   precision = distribute.resolve_precision(config.precision, strategy)
@@ -225,16 +342,27 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
               "per_replica_batch_size": per_replica_batch_size,
               "scaled_learning_rate": config.scaled_learning_rate,
               "steps_per_epoch_resolved": schedule.steps_per_epoch,
-              "total_steps": schedule.total_steps, "model": model.name,
+              "total_steps": schedule.total_steps, "warmup_steps": schedule.warmup_steps,
+              "lr_boundaries_steps": list(schedule.boundaries),
+              "train_examples": train_split.num_examples, "model": model.name,
               "class_names": list(train_split.class_names)}
   if chief:
     checkpoints.write_json_atomically(os.path.join(out_dir, checkpoints.CONFIG_FILE),
                                       {**dataclasses.asdict(config), **resolved})
+  logging.info("recipe %s: %s schedule, %d steps (%.2f epochs of %d steps), warm-up %d "
+               "steps%s; momentum %g%s, weight decay %g, label smoothing %g%s",
+               config.recipe, config.lr_schedule, schedule.total_steps,
+               schedule.total_steps / schedule.steps_per_epoch, schedule.steps_per_epoch,
+               schedule.warmup_steps,
+               f", /10 at steps {list(schedule.boundaries)}" if schedule.boundaries else "",
+               config.momentum, " (Nesterov)" if config.nesterov else "",
+               config.weight_decay, config.label_smoothing,
+               f", clipnorm {config.clipnorm}" if config.clipnorm else "")
   logging.info("strategy %s, %d replica(s), precision %s, XLA %s, global batch %d "
-               "(%d per replica), learning rate %.4g (%.4g x %d/128), %d steps per epoch",
+               "(%d per replica), learning rate %.4g (%.4g x %d/%d)",
                type(strategy).__name__, replicas, precision, "on" if jit_compile else "off",
                config.global_batch_size, per_replica_batch_size, config.scaled_learning_rate,
-               config.learning_rate, config.global_batch_size, schedule.steps_per_epoch)
+               config.learning_rate, config.global_batch_size, REFERENCE_BATCH_SIZE)
 
   manager = tf.train.CheckpointManager(
       state.checkpoint, os.path.join(out_dir, checkpoints.CHECKPOINT_SUBDIR),
@@ -250,6 +378,8 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
 
   decayed = [v for v in model.trainable_variables if v.path.endswith("kernel")]
   stage_groups = summaries.group_by_stage(model.trainable_variables)
+  averaged = _averaged_variables(model)
+  num_classes = len(train_split.class_names)
   with strategy.scope():
     train_sums = _Sums()
     # Replica 0's view is enough: a non-finite loss reaches every replica within a step.
@@ -260,8 +390,9 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
   def compute_gradients(images, labels):
     with tf.GradientTape() as tape:
       logits = model(images, training=True)
-      per_example = keras.losses.sparse_categorical_crossentropy(labels, logits,
-                                                                 from_logits=True)
+      per_example = keras.losses.categorical_crossentropy(
+          tf.one_hot(labels, num_classes), logits, from_logits=True,
+          label_smoothing=config.label_smoothing)
       # Each replica's share of the global-batch mean; the optimizer sums the replicas.
       loss = tf.reduce_sum(per_example) / config.global_batch_size
       if config.weight_decay:
@@ -292,6 +423,10 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
   def train_loop(iterator, first_step, num_steps):
     for i in tf.range(num_steps):
       strategy.run(train_replica_step, args=(first_step + i + 1, *next(iterator)))
+      if state.ema:
+        # Cross-replica context: the average is updated once, from synchronised weights.
+        for average, variable in zip(state.ema, averaged):
+          average.assign(config.ema_decay * average + (1 - config.ema_decay) * variable)
 
   def train_dataset_fn(input_context):
     return pipeline.train_pipeline(
@@ -302,7 +437,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
         input_context=input_context)
 
   train_iterator = iter(strategy.distribute_datasets_from_function(train_dataset_fn))
-  evaluate = _make_evaluator(strategy, model, test_split, config, schedule.eval_steps)
+  evaluate = _make_evaluator(strategy, state, eval_split, config, schedule.eval_steps)
   if chief:
     train_writer = tf.summary.create_file_writer(os.path.join(out_dir, "train"))
     eval_writer = tf.summary.create_file_writer(os.path.join(out_dir, "validation"))
@@ -329,16 +464,19 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
 
   # Epochs after the restored checkpoint were lost with the crash: forget them.
   history = [h for h in checkpoints.read_history(out_dir) if h["step"] <= start_step]
-  best_accuracy = max((h["test_accuracy"] for h in history), default=-1.0)
+  best_accuracy = max((h[f"{eval_name}_accuracy"] for h in history), default=-1.0)
   profile = config.profile_steps
+  total = schedule.total_steps
   step = start_step
   first_call = True
   interval_start, interval_step = time.time(), step
   epoch_sums = [0.0, 0.0, 0.0]  # loss sum, correct, count since the epoch began
-  logging.info("training %s for %d epochs (%d steps) from step %d", model.name,
-               config.epochs, schedule.total_steps, start_step)
-  while step < schedule.total_steps:
-    epoch_end = (step // schedule.steps_per_epoch + 1) * schedule.steps_per_epoch
+  logging.info("training %s for %.2f epochs (%d steps) from step %d", model.name,
+               total / schedule.steps_per_epoch, total, start_step)
+  while step < total:
+    # An epoch ends every steps_per_epoch steps, and at the last step (he2016 schedules
+    # need not end on an epoch boundary).
+    epoch_end = min((step // schedule.steps_per_epoch + 1) * schedule.steps_per_epoch, total)
     boundaries = [epoch_end, step + config.steps_per_execution,
                   (step // config.log_every_steps + 1) * config.log_every_steps,
                   (step // config.checkpoint_every_steps + 1) * config.checkpoint_every_steps]
@@ -381,58 +519,63 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
         if step > interval_step:
           tf.summary.scalar("images_per_second", images_per_second)
           tf.summary.scalar("step_time_ms", 1000 * seconds / (step - interval_step))
-      remaining = (schedule.total_steps - step) * config.global_batch_size
+      remaining = (total - step) * config.global_batch_size
       eta = remaining / images_per_second if images_per_second > 0 else float("nan")
-      logging.info("epoch %.2f/%d step %d/%d loss %.4f accuracy %.4f lr %.4g "
-                   "%.1f images/s eta %s", epoch, config.epochs, step, schedule.total_steps,
-                   loss, accuracy, learning_rate, images_per_second, _duration(eta))
+      logging.info("epoch %.2f step %d/%d loss %.4f accuracy %.4f lr %.4g %.1f images/s "
+                   "eta %s", epoch, step, total, loss, accuracy, learning_rate,
+                   images_per_second, _duration(eta))
       interval_start, interval_step = time.time(), step
     if step == epoch_end:
-      logging.info("evaluating on %d test batches", schedule.eval_steps)
-      test_loss, test_accuracy = evaluate()
+      logging.info("evaluating on %d %s batches", schedule.eval_steps, eval_name)
+      results = evaluate()
       train_count = max(epoch_sums[2], 1.0)
-      record = {"epoch": round(epoch), "step": step,
+      record = {"epoch": round(epoch, 4), "step": step,
                 "train_loss": epoch_sums[0] / train_count,
                 "train_accuracy": epoch_sums[1] / train_count,
-                "test_loss": test_loss, "test_accuracy": test_accuracy}
+                **{f"{eval_name}_{k}": v for k, v in results.items()}}
       epoch_sums = [0.0, 0.0, 0.0]
       history.append(record)
       with train_writer.as_default(step=step):
         tf.summary.scalar("epoch_loss", record["train_loss"])
         tf.summary.scalar("epoch_accuracy", record["train_accuracy"])
       with eval_writer.as_default(step=step):
-        for tag in ("loss", "epoch_loss"):
-          tf.summary.scalar(tag, test_loss)
-        for tag in ("accuracy", "epoch_accuracy"):
-          tf.summary.scalar(tag, test_accuracy)
-      logging.info("epoch %d/%d train loss %.4f accuracy %.4f, validation loss %.4f "
-                   "accuracy %.4f", record["epoch"], config.epochs, record["train_loss"],
-                   record["train_accuracy"], test_loss, test_accuracy)
+        for key, value in results.items():
+          tf.summary.scalar(key, value)
+        tf.summary.scalar("epoch_loss", results["loss"])
+        tf.summary.scalar("epoch_accuracy", results["accuracy"])
+      logging.info("epoch %.2f train loss %.4f accuracy %.4f, %s %s", epoch,
+                   record["train_loss"], record["train_accuracy"], eval_name,
+                   " ".join(f"{k} {v:.4f}" for k, v in results.items()))
       if chief:
         checkpoints.write_json_atomically(os.path.join(out_dir, checkpoints.HISTORY_FILE),
                                           {"history": history})
       save(step)
-      if test_accuracy > best_accuracy:
-        best_accuracy = test_accuracy
+      if results["accuracy"] > best_accuracy:
+        best_accuracy = results["accuracy"]
         best_manager.save(checkpoint_number=step)
       interval_start = time.time()
     elif step % config.checkpoint_every_steps == 0:
       save(step)
   check_finite(step)
-  if history and history[-1]["step"] == step:
-    test_loss, test_accuracy = history[-1]["test_loss"], history[-1]["test_accuracy"]
+  if eval_name == "test" and history and history[-1]["step"] == step:
+    final = {k[len("test_"):]: v for k, v in history[-1].items() if k.startswith("test_")}
   else:
-    # Resumed a finished run, or trained no whole epoch: evaluate what we hold.
-    test_loss, test_accuracy = evaluate()
+    # The test split after a validation protocol, or a resumed finished run.
+    final = _make_evaluator(strategy, state, test_split, config,
+                            pipeline.eval_steps(test_split.num_examples,
+                                                config.global_batch_size))()
+    with eval_writer.as_default(step=step):
+      for key, value in final.items():
+        tf.summary.scalar(f"final_test_{key}", value)
   train_writer.flush()
   eval_writer.flush()
 
   images, seconds = float(state.timed_images.numpy()), float(state.timed_seconds.numpy())
   metrics = {
-      "test_accuracy": test_accuracy,
-      "test_loss": test_loss,
-      "best_test_accuracy": max([h["test_accuracy"] for h in history] + [test_accuracy]),
-      "epochs": step // schedule.steps_per_epoch,
+      **{f"test_{k}": v for k, v in final.items()},
+      "best_test_accuracy": max([h.get("test_accuracy", -1.0) for h in history]
+                                + [final["accuracy"]]),
+      "epochs": round(step / schedule.steps_per_epoch, 4),
       "steps": step,
       "global_batch_size": config.global_batch_size,
       "wall_seconds": previous_wall + time.time() - wall_start,
@@ -441,10 +584,13 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
       "replicas": replicas,
       "precision": precision,
       "jit_compile": jit_compile,
+      "recipe": config.recipe,
       "model": model.name,
       "trainable_parameters": int(sum(v.numpy().size for v in model.trainable_variables)),
       "history": history,
   }
+  if config.validation_split:
+    metrics["best_validation_accuracy"] = best_accuracy
   if chief:
     checkpoints.write_json_atomically(os.path.join(out_dir, METRICS_FILE), metrics)
   else:
@@ -462,8 +608,7 @@ def evaluate_checkpoint(config: Config, strategy: tf.distribute.Strategy) -> dic
   """
   which = config.checkpoint or "latest"
   path = checkpoints.resolve_checkpoint(config.model_dir, which)
-  train_split, test_split = sources.load_splits(config.data_source, config.data_dir,
-                                                config.seed)
+  train_split, _, test_split = _load_data(config)
   schedule = make_schedule(config, train_split.num_examples, test_split.num_examples)
   _check_batch(config, strategy)
   precision = distribute.resolve_precision(config.precision, strategy)
@@ -473,11 +618,11 @@ def evaluate_checkpoint(config: Config, strategy: tf.distribute.Strategy) -> dic
   except (tf.errors.OpError, AssertionError, ValueError) as e:
     raise checkpoints.CheckpointError(
         f"cannot restore {path} into {state.model.name} ({type(e).__name__}); was it "
-        "trained with other --depth/--plain/--stem/--shortcut/--stage_* settings?") from None
-  evaluate = _make_evaluator(strategy, state.model, test_split, config, schedule.eval_steps)
-  loss, accuracy = evaluate()
-  metrics = {"checkpoint": path, "step": int(state.step.numpy()), "test_loss": loss,
-             "test_accuracy": accuracy, "model": state.model.name,
+        "trained with other --depth/--plain/--stem/--shortcut/--stage_*/--ema_decay "
+        "settings?") from None
+  results = _make_evaluator(strategy, state, test_split, config, schedule.eval_steps)()
+  metrics = {"checkpoint": path, "step": int(state.step.numpy()), "model": state.model.name,
+             **{f"test_{k}": v for k, v in results.items()},
              "examples": min(test_split.num_examples,
                              schedule.eval_steps * config.global_batch_size)}
   if distribute.is_chief(strategy):
