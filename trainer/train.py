@@ -268,6 +268,11 @@ def _make_evaluator(strategy: tf.distribute.Strategy, state: State, split: sourc
   return evaluate
 
 
+def decayed_variables(model: keras.Model) -> list:
+  """The variables weight decay applies to: convolution and dense kernels only."""
+  return [v for v in model.trainable_variables if v.path.endswith("/kernel")]
+
+
 def _check_batch(config: Config, strategy: tf.distribute.Strategy) -> int:
   replicas = strategy.num_replicas_in_sync
   if config.global_batch_size % replicas:
@@ -376,7 +381,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
                  start_step / schedule.steps_per_epoch)
   previous_wall = float(state.wall_seconds.numpy())
 
-  decayed = [v for v in model.trainable_variables if v.path.endswith("kernel")]
+  decayed = decayed_variables(model)
   stage_groups = summaries.group_by_stage(model.trainable_variables)
   averaged = _averaged_variables(model)
   num_classes = len(train_split.class_names)
