@@ -1,0 +1,496 @@
+"""The plain-vs-residual experiment's shared parts: reading finished or running runs, and
+writing curves.csv, the figure in the style of He et al. (2015) Figure 6 and results.md.
+Used by scripts/compare_plain_residual.py and scripts/plot_runs.py.
+"""
+
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+# The files trainer/train.py writes into a model dir. Repeated here (not imported) so that
+# the study's parent process never loads TensorFlow; tests/test_experiment.py runs the real
+# trainer, so a rename there fails the tests.
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.json"
+METRICS_FILE = "metrics.json"
+TRAIN_LOG_SUBDIR = "train"
+EVAL_LOG_SUBDIR = "validation"
+
+PLAIN = "plain"
+RESIDUAL = "residual"
+KINDS = (PLAIN, RESIDUAL)
+# test_* hold the per-epoch evaluation, on the split eval_split names: "test", or
+# "validation" for runs trained with --validation_split.
+CSV_COLUMNS = ("run", "label", "depth", "kind", "epoch", "step", "train_loss", "train_error",
+               "test_loss", "test_error", "eval_split")
+X_AXES = ("epoch", "step")
+
+
+class RunError(Exception):
+  """A model dir cannot be read as a run; the message names the dir and says why."""
+
+
+def run_name(depth: int, plain: bool) -> str:
+  """The model dir name of one run of the study, e.g. "plain-20" or "resnet-20"."""
+  return f"{'plain' if plain else 'resnet'}-{depth}"
+
+
+def run_label(depth: int, plain: bool) -> str:
+  """The legend label He et al. use, e.g. "plain-20" or "ResNet-20"."""
+  return f"{'plain' if plain else 'ResNet'}-{depth}"
+
+
+def error_percent(accuracy: float) -> float:
+  """Classification error in percent, 100 * (1 - accuracy)."""
+  return 100.0 * (1.0 - accuracy)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One trained (or partly trained) network: its settings and per-epoch history."""
+  name: str
+  model_dir: str
+  config: dict               # the run's config.json
+  history: tuple[dict, ...]  # the trainer's history.json entries, in step order
+  history_source: str        # HISTORY_FILE or "events"
+  metrics: dict | None = None  # metrics.json, once the run has finished
+
+  @property
+  def depth(self) -> int:
+    return int(self.config["depth"])
+
+  @property
+  def plain(self) -> bool:
+    return bool(self.config["plain"])
+
+  @property
+  def kind(self) -> str:
+    return PLAIN if self.plain else RESIDUAL
+
+  @property
+  def label(self) -> str:
+    return run_label(self.depth, self.plain)
+
+  @property
+  def eval_split(self) -> str:
+    """"test", or "validation" when the run evaluated its epochs on a held-out split."""
+    if self.history and "test_accuracy" not in self.history[0] \
+        and "validation_accuracy" in self.history[0]:
+      return "validation"
+    return "test"
+
+  @property
+  def planned_epochs(self) -> float | None:
+    """The run's length in epochs (the he2016 recipe counts iterations: from total_steps)."""
+    if self.config.get("epochs"):
+      return float(self.config["epochs"])
+    total, per_epoch = self.config.get("total_steps"), self.config.get("steps_per_epoch_resolved")
+    return total / per_epoch if total and per_epoch else None
+
+  @property
+  def finished(self) -> bool:
+    if not self.history:
+      return False
+    if self.config.get("total_steps"):
+      return self.history[-1]["step"] >= self.config["total_steps"]
+    return self.planned_epochs is not None and self.history[-1]["epoch"] >= self.planned_epochs
+
+  def errors(self, key: str) -> list[float]:
+    """Per-epoch error in percent of a history accuracy key ("train_accuracy", ...)."""
+    return [error_percent(h[key]) for h in self.history]
+
+  @property
+  def eval_errors(self) -> list[float]:
+    """Per-epoch error on the evaluation split (test, or validation)."""
+    return self.errors(f"{self.eval_split}_accuracy")
+
+  @property
+  def final_test_error(self) -> float | None:
+    """The last epoch's test error; with a validation split, the test error at the end."""
+    if self.eval_split == "validation":
+      accuracy = (self.metrics or {}).get("test_accuracy")
+      return None if accuracy is None else error_percent(accuracy)
+    return self.eval_errors[-1] if self.history else None
+
+  @property
+  def best_test_error(self) -> float | None:
+    """The lowest per-epoch error on the evaluation split (test, or validation)."""
+    return min(self.eval_errors) if self.history else None
+
+  @property
+  def final_train_error(self) -> float | None:
+    return self.errors("train_accuracy")[-1] if self.history else None
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise RunError(f"{path}: cannot read: {e}") from None
+
+
+def read_history(model_dir: str) -> list[dict] | None:
+  """The entries of the run's history.json, or None before its first epoch end."""
+  path = os.path.join(model_dir, HISTORY_FILE)
+  return _read_json(path).get("history", []) if os.path.exists(path) else None
+
+
+def read_metrics(model_dir: str) -> dict | None:
+  """The run's metrics.json, or None while the run has not finished once."""
+  path = os.path.join(model_dir, METRICS_FILE)
+  return _read_json(path) if os.path.exists(path) else None
+
+
+def read_config(model_dir: str) -> dict | None:
+  """The run's config.json, or None if the trainer never started there."""
+  path = os.path.join(model_dir, CONFIG_FILE)
+  return _read_json(path) if os.path.exists(path) else None
+
+
+def _event_values(log_dir: str, tag: str) -> dict[int, float]:
+  """step -> value of a scalar tag in the event files of `log_dir`, the newest write winning."""
+  # Imported here: it is slow, and only runs without history.json need it.
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.util import tensor_util
+
+  accumulator = event_accumulator.EventAccumulator(
+      log_dir, size_guidance={event_accumulator.TENSORS: 0, event_accumulator.SCALARS: 0})
+  accumulator.Reload()
+  tags = accumulator.Tags()
+  values: dict[int, float] = {}
+  # tf.summary (TF2) stores scalars as tensors; TF1-style writers as simple values.
+  if tag in tags.get(event_accumulator.TENSORS, []):
+    for event in sorted(accumulator.Tensors(tag), key=lambda e: e.wall_time):
+      values[event.step] = float(tensor_util.make_ndarray(event.tensor_proto))
+  elif tag in tags.get(event_accumulator.SCALARS, []):
+    for event in sorted(accumulator.Scalars(tag), key=lambda e: e.wall_time):
+      values[event.step] = float(event.value)
+  return values
+
+
+def read_event_history(model_dir: str, steps_per_epoch: int | None = None) -> list[dict]:
+  """Rebuilds the per-epoch history from the TensorBoard epoch_* tags of a model dir.
+
+  A resumed run logs the epochs after its last checkpoint twice; the later value wins.
+
+  Args:
+    model_dir: the run's model dir, holding train/ and validation/ event files.
+    steps_per_epoch: to number the epochs by step; None numbers them 1, 2, ...
+  Returns:
+    history entries like the trainer's history.json (evaluation as test_*).
+  """
+  series = {}
+  for key, subdir, tag in (("train_loss", TRAIN_LOG_SUBDIR, "epoch_loss"),
+                           ("train_accuracy", TRAIN_LOG_SUBDIR, "epoch_accuracy"),
+                           ("test_loss", EVAL_LOG_SUBDIR, "epoch_loss"),
+                           ("test_accuracy", EVAL_LOG_SUBDIR, "epoch_accuracy")):
+    log_dir = os.path.join(model_dir, subdir)
+    series[key] = _event_values(log_dir, tag) if os.path.isdir(log_dir) else {}
+  steps = sorted(set.intersection(*(set(s) for s in series.values())))
+  return [{"epoch": round(step / steps_per_epoch, 4) if steps_per_epoch else i + 1,
+           "step": step, **{key: s[step] for key, s in series.items()}}
+          for i, step in enumerate(steps)]
+
+
+def load_run(model_dir: str) -> Run:
+  """Reads one run: its config.json and per-epoch history.
+
+  Args:
+    model_dir: the run's model dir.
+  Returns:
+    the run; history from history.json, else from the TensorBoard event files.
+  Raises:
+    RunError: without config.json, or when neither source has a finished epoch.
+  """
+  config = read_config(model_dir)
+  if config is None:
+    raise RunError(f"{model_dir}: no {CONFIG_FILE}; not a model dir of trainer.main")
+  history, source = read_history(model_dir), HISTORY_FILE
+  if history is None:
+    history = read_event_history(model_dir, config.get("steps_per_epoch_resolved"))
+    source = "events"
+    if config.get("validation_split"):  # The validation/ tags then hold validation errors.
+      history = [{k.replace("test_", "validation_"): v for k, v in h.items()}
+                 for h in history]
+  if not history:
+    raise RunError(f"{model_dir}: no finished epoch yet (no {HISTORY_FILE}, no epoch_accuracy "
+                   "in its event files)")
+  return Run(os.path.basename(os.path.normpath(model_dir)), model_dir, config,
+             tuple(sorted(history, key=lambda h: h["step"])), source,
+             read_metrics(model_dir))
+
+
+def curve_rows(runs: Iterable[Run]) -> list[dict]:
+  """One row per run per epoch, with errors in percent; the rows of curves.csv."""
+  rows = []
+  for run in runs:
+    split = run.eval_split
+    for h in run.history:
+      rows.append({"run": run.name, "label": run.label, "depth": run.depth, "kind": run.kind,
+                   "epoch": h["epoch"], "step": h["step"],
+                   "train_loss": h["train_loss"],
+                   "train_error": error_percent(h["train_accuracy"]),
+                   "test_loss": h[f"{split}_loss"],
+                   "test_error": error_percent(h[f"{split}_accuracy"]),
+                   "eval_split": split})
+  return rows
+
+
+def write_curves_csv(runs: Sequence[Run], path: str) -> None:
+  """Writes curves.csv (columns CSV_COLUMNS); only the header when there are no runs."""
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for row in curve_rows(runs):
+      writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def describe_settings(runs: Sequence[Run]) -> str:
+  """One line on the data and schedule the runs share, e.g. for the figure's title."""
+  if not runs:
+    return "no runs"
+  config = runs[0].config
+  data = config.get("data_source", "?")
+  if data == "folder":
+    data = f"folder {config.get('data_dir')}"
+  elif data == "synthetic":
+    data = "synthetic random images"
+  steps = config.get("steps_per_epoch")
+  if config.get("epochs"):
+    epochs = f"{config['epochs']} epochs" + (f" x {steps} steps" if steps else "")
+  else:  # The he2016 recipe counts iterations.
+    epochs = f"{config.get('total_steps', '?')} iterations"
+  evaluation = (f", evaluation capped at {config['eval_steps']} batch(es)"
+                if config.get("eval_steps") else "")
+  recipe = f"recipe {config['recipe']}, " if config.get("recipe") else ""
+  text = (f"CIFAR-10 ({data}), {recipe}{epochs}, batch {config.get('global_batch_size')}"
+          f"{evaluation}")
+  keys = ("data_source", "data_dir", "recipe", "epochs", "steps_per_epoch", "eval_steps",
+          "global_batch_size", "learning_rate", "weight_decay")
+  if any(r.config.get(k) != config.get(k) for r in runs for k in keys):
+    text += " (settings differ between runs: see their config.json)"
+  return text
+
+
+def _colours(depths: Sequence[int]) -> dict[int, str]:
+  # The same depth gets the same colour in both panels, as in He et al. Figure 6.
+  palette = ["tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown",
+             "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+  return {d: palette[i % len(palette)] for i, d in enumerate(sorted(set(depths)))}
+
+
+def _unique_labels(runs: Sequence[Run]) -> dict[str, str]:
+  """run name -> legend label, with the run name appended where two runs share a label."""
+  counts: dict[str, int] = {}
+  for run in runs:
+    counts[run.label] = counts.get(run.label, 0) + 1
+  return {run.name: run.label if counts[run.label] == 1 else f"{run.label} ({run.name})"
+          for run in runs}
+
+
+def plot_figure(runs: Sequence[Run], path: str, *, x_axis: str = "epoch",
+                title: str | None = None) -> None:
+  """Writes the two-panel figure: plain nets left, ResNets right, error (%) over time.
+
+  Training error is dashed and thin, test (or validation) error solid and bold; one colour
+  per depth.
+
+  Args:
+    runs: the runs to draw (either panel may be empty).
+    path: the PNG to write.
+    x_axis: "epoch" or "step" (He et al. plot iterations).
+    title: the figure's title; default: describe_settings(runs).
+  """
+  if x_axis not in X_AXES:
+    raise ValueError(f"x_axis must be one of {X_AXES}, got {x_axis!r}")
+  import matplotlib
+  matplotlib.use("Agg")  # Files only: no display on training machines.
+  import matplotlib.pyplot as plt
+  from matplotlib.lines import Line2D
+  from matplotlib.ticker import MaxNLocator
+
+  colours = _colours([r.depth for r in runs])
+  labels = _unique_labels(runs)
+  eval_name = "/".join(sorted({r.eval_split for r in runs}, reverse=True)) or "test"
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True, sharey=True)
+  top = 0.0
+  for ax, kind, panel in zip(axes, KINDS, ("plain networks", "ResNets")):
+    panel_runs = sorted((r for r in runs if r.kind == kind), key=lambda r: (r.depth, r.name))
+    handles = []
+    for run in panel_runs:
+      xs = [h[x_axis] for h in run.history]
+      train = run.errors("train_accuracy")
+      test = run.eval_errors
+      top = max(top, *train, *test)
+      # Markers only when a curve has few points, where a bare line would hide them.
+      marker = "o" if len(xs) <= 12 else None
+      colour = colours[run.depth]
+      ax.plot(xs, train, linestyle="--", linewidth=1.0, color=colour, marker=marker,
+              markersize=3)
+      handles.append(ax.plot(xs, test, linestyle="-", linewidth=2.4, color=colour,
+                             marker=marker, markersize=4, label=labels[run.name])[0])
+    if not panel_runs:
+      ax.text(0.5, 0.5, f"no {kind} runs", ha="center", va="center", transform=ax.transAxes)
+    handles += [Line2D([], [], color="black", linestyle="--", linewidth=1.0,
+                       label="training error"),
+                Line2D([], [], color="black", linestyle="-", linewidth=2.4,
+                       label=f"{eval_name} error")]
+    ax.legend(handles=handles, loc="best", fontsize=8)
+    ax.set_title(panel)
+    ax.set_xlabel("epoch" if x_axis == "epoch" else "iterations (steps)")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("error (%)")
+  # Up to 102: a curve at 100% error stays visible instead of merging with the frame.
+  axes[0].set_ylim(0, min(102.0, top * 1.05 + 1.0) if top else 100.0)
+  if x_axis == "epoch":
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+  fig.suptitle(title if title is not None else describe_settings(runs), fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _by_depth(runs: Sequence[Run]) -> tuple[dict[tuple[int, str], Run], list[str]]:
+  table, notes = {}, []
+  for run in runs:
+    key = (run.depth, run.kind)
+    if key in table:
+      notes.append(f"Several {run.label} runs; the table uses {table[key].name}, not "
+                   f"{run.name}.")
+    else:
+      table[key] = run
+  return table, notes
+
+
+def _trend(runs: Sequence[Run], attribute: str) -> tuple[str, float, float] | None:
+  """(shape, first, last) of an error over depth, or None for fewer than two depths.
+
+  shape: "rose" or "fell" (at every step in depth), "mixed", "flat", or "two depths".
+  """
+  points = [(r.depth, getattr(r, attribute)) for r in sorted(runs, key=lambda r: r.depth)]
+  points = [p for p in points if p[1] is not None]
+  if len(points) < 2:
+    return None
+  diffs = [b[1] - a[1] for a, b in zip(points, points[1:])]
+  if len(diffs) == 1:
+    direction = "two depths"  # "at every step in depth" would say nothing here.
+  elif all(d > 0 for d in diffs):
+    direction = "rose"
+  elif all(d < 0 for d in diffs):
+    direction = "fell"
+  elif points[-1][1] == points[0][1]:
+    direction = "flat"
+  else:
+    direction = "mixed"
+  return direction, points[0][1], points[-1][1]
+
+
+def depth_trends(runs: Sequence[Run]) -> list[str]:
+  """Sentences on whether plain nets got worse with depth and ResNets better.
+
+  "Worse" compares the deepest with the shallowest net's final error and says whether the
+  change held at every step in depth.
+  """
+  table, _ = _by_depth(runs)
+  lines = []
+  for kind, name, wanted, verb in ((PLAIN, "Plain nets", "rose", "worse"),
+                                   (RESIDUAL, "ResNets", "fell", "better")):
+    kind_runs = [r for (_, k), r in table.items() if k == kind]
+    parts = []
+    for attribute, what in (("final_test_error", "test"), ("final_train_error", "training")):
+      trend = _trend(kind_runs, attribute)
+      if trend is None:
+        continue
+      direction, first, last = trend
+      overall = "rose" if last > first else "fell" if last < first else "stayed"
+      every = " at every step in depth" if direction in ("rose", "fell") else (
+          ", but not at every step in depth" if direction == "mixed" else "")
+      parts.append(f"{what} error {overall} from {first:.2f}% to {last:.2f}%{every}")
+    if not parts:
+      lines.append(f"- {name}: fewer than two depths, no trend to report.")
+      continue
+    depths = sorted(r.depth for r in kind_runs)
+    test = _trend(kind_runs, "final_test_error")
+    if test is None:
+      answer = "no test error to judge by"
+    else:
+      answer = "yes" if (test[2] > test[1] if wanted == "rose" else test[2] < test[1]) else "no"
+    lines.append(f"- {name} {verb} with depth ({depths[0]} to {depths[-1]} layers)? "
+                 f"**{answer}**: {'; '.join(parts)}.")
+  return lines
+
+
+def _cell(value: float | None) -> str:
+  return "-" if value is None else f"{value:.2f}"
+
+
+def results_markdown(runs: Sequence[Run], *, command: str | None = None,
+                     failures: Sequence[str] = ()) -> str:
+  """results.md: final and best test error per depth and kind, the gap, and the trends.
+
+  Args:
+    runs: the runs to tabulate (at most one per depth and kind is used).
+    command: the command that produced the runs, quoted in the text.
+    failures: one line per run that failed, listed under the table.
+  Returns:
+    the markdown text.
+  """
+  table, notes = _by_depth(runs)
+  depths = sorted({d for d, _ in table})
+  lines = ["# Plain vs residual networks", ""]
+  if command:
+    lines += [f"Command: `{command}`", ""]
+  lines += [f"Settings: {describe_settings(runs)}.", "",
+            "Errors in percent (100 x (1 - accuracy)); *final* is the last epoch's test error, "
+            "*best* the lowest over the epochs, *train* the last epoch's training error "
+            "(averaged over its batches, with augmentation, as in He et al.); gap = plain "
+            "minus ResNet final test error (positive: the ResNet is better).", "",
+            "| depth | plain final test | plain best test | ResNet final test | ResNet best test "
+            "| gap (plain - ResNet) | plain train | ResNet train |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  unfinished = []
+  for depth in depths:
+    plain, residual = table.get((depth, PLAIN)), table.get((depth, RESIDUAL))
+    for run in (plain, residual):
+      if run is not None and not run.finished:
+        planned = f"{run.planned_epochs:g}" if run.planned_epochs else "?"
+        unfinished.append(f"{run.label} ({run.history[-1]['epoch']:g}/{planned} epochs)")
+    get = lambda run, attribute: getattr(run, attribute) if run else None  # noqa: E731
+    gap = (plain.final_test_error - residual.final_test_error
+           if plain and residual and None not in (plain.final_test_error,
+                                                  residual.final_test_error) else None)
+    lines.append(f"| {depth} | {_cell(get(plain, 'final_test_error'))} | "
+                 f"{_cell(get(plain, 'best_test_error'))} | "
+                 f"{_cell(get(residual, 'final_test_error'))} | "
+                 f"{_cell(get(residual, 'best_test_error'))} | {_cell(gap)} | "
+                 f"{_cell(get(plain, 'final_train_error'))} | "
+                 f"{_cell(get(residual, 'final_train_error'))} |")
+  if not depths:
+    lines.append("| - | - | - | - | - | - | - | - |")
+  lines += ["", "## Depth trends", ""] + depth_trends(runs)
+  if any(r.config.get("data_source") == "synthetic" for r in runs):
+    lines += ["", "Note: synthetic data has random labels, so every net sits near 90% test "
+              "error by construction; such a study only shows that the machinery works."]
+  capped = sorted({(r.config["eval_steps"], r.config.get("global_batch_size"))
+                   for r in runs if r.config.get("eval_steps")})
+  if capped:
+    # The trainer evaluates the first batches in the split's stored order; a split stored
+    # by class (as an image folder is read) then shows only the first classes.
+    sizes = ", ".join(f"{steps} x {batch}" for steps, batch in capped)
+    lines += ["", f"Note: evaluation was capped (--eval_steps) to the first {sizes} "
+              "images of the evaluation split: noisy errors, and biased ones if that split "
+              "is stored in class order."]
+  if any(r.eval_split == "validation" for r in runs):
+    lines += ["", "Note: runs with --validation_split evaluate their epochs on the "
+              "validation split: their *best* column and curves are validation errors, "
+              "their *final* column the test error measured once at the end."]
+  if unfinished:
+    lines += ["", f"Unfinished runs (their last epoch is shown): {', '.join(unfinished)}."]
+  if failures:
+    lines += ["", "## Failed runs", ""] + [f"- {f}" for f in failures]
+  if notes:
+    lines += [""] + notes
+  return "\n".join(lines) + "\n"
