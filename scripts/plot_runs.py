@@ -1,0 +1,83 @@
+"""Draws existing runs as the plain-vs-residual figure (He et al. 2015 Figure 6 style),
+without retraining: `python scripts/plot_runs.py RUN_DIR... [--output=figure.png]`.
+
+Each RUN_DIR is a trainer --model_dir (its config.json gives depth and plain; its per-epoch
+curves come from history.json, or from the TensorBoard epoch_* tags when history.json is
+missing), or a folder of such dirs, e.g. a compare_plain_residual.py --output_dir.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)  # `python scripts/X.py` puts scripts/, not the repo, on the path.
+
+from trainer import experiment  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("output", "figure.png", "The figure (PNG) to write.")
+flags.DEFINE_string("csv", None, "Also write the per-epoch curves here (curves.csv format).")
+flags.DEFINE_string("results", None, "Also write the results table here (results.md "
+                    "format).")
+flags.DEFINE_enum("x_axis", "epoch", list(experiment.X_AXES), "The figure's x axis: epoch, "
+                  "or step (He et al. plot iterations).")
+flags.DEFINE_string("title", None, "The figure's title; default: the runs' data and "
+                    "schedule.")
+
+
+def expand_run_dirs(paths: list[str]) -> list[str]:
+  """Model dirs among `paths`: each path itself if it holds config.json, else its
+  sub-folders that do (sorted), so a study's output dir can be passed whole."""
+  dirs = []
+  for path in paths:
+    if os.path.exists(os.path.join(path, experiment.CONFIG_FILE)) or not os.path.isdir(path):
+      dirs.append(path)  # A missing dir is reported by load_run.
+      continue
+    subdirs = sorted(os.path.join(path, name) for name in os.listdir(path)
+                     if os.path.exists(os.path.join(path, name, experiment.CONFIG_FILE)))
+    dirs += subdirs or [path]
+  return dirs
+
+
+def main(argv):
+  if len(argv) < 2:
+    print("error: give one or more RUN_DIRs (trainer model dirs, or folders of them)",
+          file=sys.stderr)
+    sys.exit(2)
+  runs, problems = [], []
+  for model_dir in expand_run_dirs(argv[1:]):
+    try:
+      run = experiment.load_run(model_dir)
+    except experiment.RunError as e:
+      problems.append(str(e))
+      print(f"skipping: {e}", file=sys.stderr)
+      continue
+    runs.append(run)
+    state = "finished" if run.finished else (f"unfinished, {run.history[-1]['epoch']}/"
+                                             f"{run.planned_epochs} epochs")
+    print(f"{run.label}: {model_dir} ({state}; curves from {run.history_source}), final "
+          f"test error {run.final_test_error:.2f}%")
+  if not runs:
+    print("error: no run to plot", file=sys.stderr)
+    sys.exit(1)
+  experiment.plot_figure(runs, FLAGS.output, x_axis=FLAGS.x_axis, title=FLAGS.title)
+  written = [FLAGS.output]
+  if FLAGS.csv:
+    experiment.write_curves_csv(runs, FLAGS.csv)
+    written.append(FLAGS.csv)
+  if FLAGS.results:
+    with open(FLAGS.results, "w") as f:
+      f.write(experiment.results_markdown(runs, failures=[f"unreadable: {p}"
+                                                          for p in problems]))
+    written.append(FLAGS.results)
+  print(f"wrote {', '.join(written)}")
+  if problems:
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
