@@ -143,3 +143,19 @@ def test_results_table_gap_and_depth_trends():
   assert "Plain nets worse with depth (20 to 56 layers)? **yes**" in text
   assert "ResNets better with depth (20 to 56 layers)? **yes**" in text
   assert "ResNet-56 (3/4 epochs)" in text
+
+
+def test_validation_split_runs_take_final_test_error_from_metrics(tmp_path):
+  history = ({"epoch": 1, "step": 5, "train_loss": 1.0, "train_accuracy": 0.5,
+              "validation_loss": 1.0, "validation_accuracy": 0.6},)
+  run = experiment.Run("resnet-20", "/runs/resnet-20",
+                       {"depth": 20, "plain": False, "epochs": 1, "total_steps": 5,
+                        "validation_split": 5000}, history, experiment.HISTORY_FILE,
+                       {"test_accuracy": 0.75})
+  assert run.eval_split == "validation" and run.finished
+  assert run.final_test_error == pytest.approx(25.0)
+  assert run.best_test_error == pytest.approx(40.0)  # the best validation error
+  experiment.write_curves_csv([run], tmp_path / "curves.csv")
+  (row,) = read_csv(tmp_path / "curves.csv")
+  assert row["eval_split"] == "validation" and float(row["test_error"]) == pytest.approx(40.0)
+  assert "validation split" in experiment.results_markdown([run])

@@ -150,11 +150,34 @@ def read_config(model_dir: str) -> dict | None:
   return _read_json(path) if os.path.exists(path) else None
 
 
+def _import_tensorboard_quietly():
+  """Imports TensorBoard's event reader, which loads TensorFlow, without TF's C++ start-up
+  messages (written before TF's logging is configured; only closing stderr hides them)."""
+  import logging
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+    try:
+      # TensorBoard loads TensorFlow lazily, on first use: do it here, inside the silence.
+      import tensorflow as tf
+      tf.config.list_physical_devices()
+    except ImportError:
+      pass  # TensorBoard then reads the files with its own stub.
+  finally:
+    os.dup2(saved, 2)
+    os.close(devnull)
+    os.close(saved)
+  logging.getLogger("tensorboard").setLevel(logging.WARNING)  # "No path found after ..."
+  return event_accumulator, tensor_util
+
+
 def _event_values(log_dir: str, tag: str) -> dict[int, float]:
   """step -> value of a scalar tag in the event files of `log_dir`, the newest write winning."""
   # Imported here: it is slow, and only runs without history.json need it.
-  from tensorboard.backend.event_processing import event_accumulator
-  from tensorboard.util import tensor_util
+  event_accumulator, tensor_util = _import_tensorboard_quietly()
 
   accumulator = event_accumulator.EventAccumulator(
       log_dir, size_guidance={event_accumulator.TENSORS: 0, event_accumulator.SCALARS: 0})
@@ -195,11 +218,13 @@ def read_event_history(model_dir: str, steps_per_epoch: int | None = None) -> li
           for i, step in enumerate(steps)]
 
 
-def load_run(model_dir: str) -> Run:
+def load_run(model_dir: str, *, events_fallback: bool = True) -> Run:
   """Reads one run: its config.json and per-epoch history.
 
   Args:
     model_dir: the run's model dir.
+    events_fallback: without history.json, read the TensorBoard event files (loads
+      TensorFlow); False treats the run as having no finished epoch.
   Returns:
     the run; history from history.json, else from the TensorBoard event files.
   Raises:
@@ -209,7 +234,9 @@ def load_run(model_dir: str) -> Run:
   if config is None:
     raise RunError(f"{model_dir}: no {CONFIG_FILE}; not a model dir of trainer.main")
   history, source = read_history(model_dir), HISTORY_FILE
-  if history is None:
+  if history is None and not events_fallback:
+    history = []
+  elif history is None:
     history = read_event_history(model_dir, config.get("steps_per_epoch_resolved"))
     source = "events"
     if config.get("validation_split"):  # The validation/ tags then hold validation errors.
@@ -345,8 +372,7 @@ def plot_figure(runs: Sequence[Run], path: str, *, x_axis: str = "epoch",
   axes[0].set_ylabel("error (%)")
   # Up to 102: a curve at 100% error stays visible instead of merging with the frame.
   axes[0].set_ylim(0, min(102.0, top * 1.05 + 1.0) if top else 100.0)
-  if x_axis == "epoch":
-    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+  axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
   fig.suptitle(title if title is not None else describe_settings(runs), fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
