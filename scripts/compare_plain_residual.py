@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -267,12 +268,13 @@ def _child_env(slot: int, parallel: int, gpus: list[str] | None) -> dict[str, st
 
 
 def run_jobs(jobs: list[Job], extra_args: list[str], parallel: int,
-             gpus: list[str] | None) -> list[str]:
+             gpus: list[str] | None) -> tuple[list[str], bool]:
   """Runs the jobs, `parallel` at a time, reporting progress.
 
   Returns:
-    one line per failed job.
+    one line per failed job, and whether the user interrupted the study (Ctrl-C).
   """
+  interrupted = False
   pending, running, failures = list(jobs), [], []
   free_slots = list(range(parallel))
   try:
@@ -319,9 +321,12 @@ def run_jobs(jobs: list[Job], extra_args: list[str], parallel: int,
         failures.append(f"{run.job.label}: exit code {code} ({last.strip()}); see "
                         f"{run.log.name}")
   except KeyboardInterrupt:
-    # The runs keep their checkpoints: the same command resumes them.
+    # The runs keep their checkpoints: the same command resumes them. SIGINT, not SIGTERM:
+    # TensorFlow's preemption notifier takes SIGTERM and the trainer would run on. (A Ctrl-C
+    # in the terminal has reached them already; a signal sent to this process alone has not.)
     for run in running:
-      run.process.terminate()
+      if run.process.poll() is None:
+        run.process.send_signal(signal.SIGINT)
     for run in running:
       try:
         run.process.wait(timeout=30)
@@ -331,7 +336,8 @@ def run_jobs(jobs: list[Job], extra_args: list[str], parallel: int,
       failures.append(f"{run.job.label}: interrupted; rerun the same command to resume it")
     failures += [f"{job.label}: not started (interrupted)" for job in pending]
     print("interrupted: rerun the same command to resume the study", file=sys.stderr)
-  return failures
+    interrupted = True
+  return failures, interrupted
 
 
 def _settings() -> dict:
@@ -401,15 +407,17 @@ def main(argv):
       print(f"reusing {job.label}: finished in {job.model_dir}, {_final_line(job)}")
     else:
       if state == "unfinished":
-        print(f"resuming {job.label} from its checkpoint in {job.model_dir}")
+        print(f"resuming {job.label} in {job.model_dir} (from its last checkpoint, if any)")
       to_run.append(job)
   study_start = time.time()
-  failures += run_jobs(to_run, extra_args, parallel, gpus)
+  new_failures, interrupted = run_jobs(to_run, extra_args, parallel, gpus)
+  failures += new_failures
 
   runs = []
   for job in jobs:
     try:
-      runs.append(experiment.load_run(job.model_dir))
+      # The trainer writes history.json at every epoch end: no need for the event files.
+      runs.append(experiment.load_run(job.model_dir, events_fallback=False))
     except experiment.RunError:
       pass  # Never reached an epoch end: nothing to draw; the failure is listed already.
   command = shlex.join(["python", "scripts/compare_plain_residual.py", *sys.argv[1:]])
@@ -419,12 +427,12 @@ def main(argv):
   experiment.plot_figure(runs, paths["figure.png"], x_axis=FLAGS.x_axis)
   with open(paths["results.md"], "w") as f:
     f.write(experiment.results_markdown(runs, command=command, failures=failures))
-  print(f"trained {len(to_run)} run(s) in {_duration(time.time() - study_start)}; wrote "
-        f"{', '.join(paths.values())}")
+  print(f"{len(to_run)} run(s) to train, {len(jobs) - len(to_run)} reused or refused; "
+        f"{_duration(time.time() - study_start)}; wrote {', '.join(paths.values())}")
   print(f"tensorboard --logdir {output_dir}")
   if failures:
     print(f"{len(failures)} run(s) failed:\n  " + "\n  ".join(failures), file=sys.stderr)
-    sys.exit(1)
+    sys.exit(130 if interrupted else 1)
 
 
 if __name__ == "__main__":
