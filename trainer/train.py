@@ -300,6 +300,10 @@ def split_validation(train: sources.Split, size: int, seed: int
 def _load_data(config: Config) -> tuple[sources.Split, sources.Split, sources.Split]:
   """(train, per-epoch evaluation, final test) splits for the config."""
   train, test = sources.load_splits(config.data_source, config.data_dir, config.seed)
+  # A folder lists the test split class by class: a capped --eval_steps would see one
+  # class. One fixed shuffle makes any prefix a fair sample (a full pass is unaffected).
+  order = np.random.default_rng(0).permutation(test.num_examples)
+  test = sources.Split(test.images[order], test.labels[order], test.class_names)
   if config.validation_split:
     train, validation = split_validation(train, config.validation_split, config.seed)
     return train, validation, test
