@@ -206,13 +206,17 @@ def _decode(contents: tf.Tensor) -> tf.Tensor:
 def _chunk_decoder() -> Callable[[tf.Tensor], tf.Tensor]:
   """A graph of DECODE_CHUNK_FILES independent decode ops, run in parallel by TensorFlow.
 
-  Measured here: about 40 us of CPU an image, against about 75 us for a tf.data map
-  (whose per-element overhead alone is about 40 us on this machine).
+  Measured here: about 31 us of CPU an image, against about 75 us for a tf.data map
+  (whose per-element overhead alone is about 40 us on this machine). Raw ops keep the
+  graph small: it traces in about 0.1 s.
   """
   @tf.function(input_signature=[tf.TensorSpec([DECODE_CHUNK_FILES], tf.string)])
   def decode_chunk(contents):
-    return tf.stack([tf.ensure_shape(_decode(contents[i]), IMAGE_SHAPE)
-                     for i in range(DECODE_CHUNK_FILES)])
+    # DecodeImage is what tf.io.decode_image runs: channels=3 converts grayscale and RGBA.
+    return tf.stack([
+        tf.ensure_shape(tf.raw_ops.DecodeImage(contents=one, channels=3, dtype=tf.uint8,
+                                               expand_animations=False), IMAGE_SHAPE)
+        for one in tf.unstack(contents, num=DECODE_CHUNK_FILES)])
   return decode_chunk
 
 
