@@ -419,7 +419,8 @@ def prepared_tfds_dir(tmp_path_factory) -> pathlib.Path:
 
   TFDS's own builder writes it from CIFAR-10-format binaries in a temporary folder
   (its download is mocked). tensorflow-datasets 4.9.10 needs `importlib_resources` to
-  prepare a dataset; the standard library's importlib.resources stands in for it here.
+  prepare a dataset; where that package is missing, the standard library's
+  importlib.resources stands in for it while the fixture is made.
   """
   import tensorflow_datasets as tfds
   raw = tmp_path_factory.mktemp("raw") / "cifar-10-batches-bin"
@@ -434,8 +435,11 @@ def prepared_tfds_dir(tmp_path_factory) -> pathlib.Path:
       ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
        "truck"]) + "\n")
   data_dir = tmp_path_factory.mktemp("tfds")
-  with mock.patch.dict(sys.modules, {"importlib_resources": sys.modules.get(
-      "importlib_resources", importlib.resources)}), \
+  try:
+    import importlib_resources as resources
+  except ImportError:
+    resources = importlib.resources
+  with mock.patch.dict(sys.modules, {"importlib_resources": resources}), \
        mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
                          return_value=str(raw.parent)):
     tfds.builder("cifar10", data_dir=str(data_dir)).download_and_prepare()
