@@ -1,11 +1,6 @@
-"""Input pipeline alone: load (first pass) speed and peak memory, then training and
-evaluation batches per second, consumed inside a tf.function as the trainer does.
-
-  python scripts/benchmark_input.py --data_source=synthetic|folder|tfds [--data_dir=DIR]
-      [--global_batch_size=128] [--num_batches=1000] [--windows=7] [--deterministic]
-
-The last line printed is a JSON object (images_per_second is the training pipeline's).
-"""
+"""Input pipeline alone: first-pass load speed and peak memory, then training and eval
+images/s consumed inside a tf.function as the trainer does; the last line printed is JSON.
+Usage: python scripts/benchmark_input.py --data_source=synthetic|folder|tfds [--data_dir=DIR]"""
 
 import json
 import os
