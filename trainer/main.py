@@ -46,7 +46,7 @@ flags.DEFINE_enum("data_source", "tfds", list(config_lib.DATA_SOURCES),
 flags.DEFINE_string("data_dir", None, "The TFDS data dir (tfds) or the image folder "
                     "(folder).")
 flags.DEFINE_boolean("deterministic", False, "Same data order and augmentation on every run "
-                     "(and after a resume); slower input pipeline.")
+                     "(and after a resume), and deterministic TensorFlow ops.")
 # Recipe and schedule. Flags marked "recipe" default to --recipe's value.
 flags.DEFINE_enum("recipe", "fast", list(config_lib.RECIPE_NAMES),
                   "fast: warm-up + cosine, Nesterov, label smoothing 0.1, 30 epochs; he2016: "

@@ -268,6 +268,16 @@ def _make_evaluator(strategy: tf.distribute.Strategy, state: State, split: sourc
   return evaluate
 
 
+def _set_op_determinism(enabled: bool) -> None:
+  # Process-wide state: set it both ways, so one deterministic run (e.g. in a test
+  # process) does not leave later runs deterministic (and without XLA max-pool gradients).
+  from tensorflow.python.framework import config as tf_config  # No public "disable".
+  if enabled:
+    tf.config.experimental.enable_op_determinism()
+  else:
+    tf_config.disable_op_determinism()
+
+
 def decayed_variables(model: keras.Model) -> list:
   """The variables weight decay applies to: convolution and dense kernels only."""
   return [v for v in model.trainable_variables if v.path.endswith("/kernel")]
@@ -325,8 +335,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
     TrainingError: when the loss becomes NaN or Inf.
   """
   wall_start = time.time()
-  if config.deterministic:
-    tf.config.experimental.enable_op_determinism()
+  _set_op_determinism(config.deterministic)
   train_split, eval_split, test_split = _load_data(config)
   # With a validation split, epochs are evaluated on it and the test split once, at the end.
   eval_name = "validation" if config.validation_split else "test"
