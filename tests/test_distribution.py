@@ -447,10 +447,6 @@ def test_two_local_workers_end_with_identical_trainable_weights(two_workers):
   assert len(digests[0]) == 1 and digests[0] == digests[1], digests  # Bit for bit.
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Keras 3 batch norm updates each replica's moving statistics from its own batch; "
-    "train.py must call distribute.make_replica_sync before evaluating and saving "
-    "(proposed to the lead). Remove this mark once it does."))
 def test_two_local_workers_end_with_identical_batch_norm_statistics(two_workers):
   digests = [probe_lines(run.stdout, "non_trainable") for run in two_workers["runs"]]
   assert len(digests[0]) == 1 and digests[0] == digests[1], digests

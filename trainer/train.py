@@ -455,7 +455,16 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
         input_context=input_context)
 
   train_iterator = iter(strategy.distribute_datasets_from_function(train_dataset_fn))
-  evaluate = _make_evaluator(strategy, state, eval_split, config, schedule.eval_steps)
+  # Keras 3 batch norm updates each replica's moving statistics on its own batch only;
+  # averaging the copies before every evaluation and save keeps the replicas (and the
+  # workers' checkpoints) equal.
+  sync_replicas = distribute.make_replica_sync(strategy, model.non_trainable_variables)
+  evaluate_split = _make_evaluator(strategy, state, eval_split, config, schedule.eval_steps)
+
+  def evaluate() -> dict:
+    sync_replicas()
+    return evaluate_split()
+
   if chief:
     train_writer = tf.summary.create_file_writer(os.path.join(out_dir, "train"))
     eval_writer = tf.summary.create_file_writer(os.path.join(out_dir, "validation"))
@@ -476,6 +485,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
 
   def save(step: int):
     check_finite(step)
+    sync_replicas()
     state.step.assign(step)
     state.wall_seconds.assign(previous_wall + time.time() - wall_start)
     manager.save(checkpoint_number=step)
@@ -579,6 +589,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
     final = {k[len("test_"):]: v for k, v in history[-1].items() if k.startswith("test_")}
   else:
     # The test split after a validation protocol, or a resumed finished run.
+    sync_replicas()
     final = _make_evaluator(strategy, state, test_split, config,
                             pipeline.eval_steps(test_split.num_examples,
                                                 config.global_batch_size))()
