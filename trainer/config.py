@@ -119,6 +119,9 @@ class Config:
         len(self.profile_steps) != 2 or not 0 <= self.profile_steps[0] < self.profile_steps[1]):
       raise ConfigError(f"--profile_steps must be START,END with 0 <= START < END, got "
                         f"{self.profile_steps}")
+    if self.deterministic and self.jit_compile == "true" and self.stem == "imagenet":
+      raise ConfigError("--deterministic cannot be combined with --jit_compile=true for "
+                        "--stem=imagenet: XLA has no deterministic max-pool gradient")
     if not self.model_dir:
       raise ConfigError("--model_dir must not be empty")
 

@@ -210,8 +210,9 @@ def _shortcut(x, out_channels: int, strides: int, arch: Architecture,
     x = _conv(x, out_channels, 1, strides, f"{name}_proj_conv")
     return _bn(x, opts, f"{name}_proj_bn")
   if strides > 1:
-    # A 1x1 max-pool with stride 2 is exactly x[:, ::2, ::2, :].
-    x = layers.MaxPooling2D(1, strides, name=f"{name}_shortcut_subsample")(x)
+    # A 1x1 average-pool with stride 2 is exactly x[:, ::2, ::2, :] (and, unlike max-pool,
+    # has a deterministic XLA gradient).
+    x = layers.AveragePooling2D(1, strides, name=f"{name}_shortcut_subsample")(x)
   return ChannelZeroPad(out_channels, name=f"{name}_shortcut_pad")(x)
 
 

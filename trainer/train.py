@@ -387,7 +387,12 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
       max_to_keep=config.keep_checkpoints)
   best_manager = tf.train.CheckpointManager(
       state.checkpoint, os.path.join(out_dir, checkpoints.BEST_SUBDIR), max_to_keep=1)
-  restored = checkpoints.restore_latest(state.checkpoint, manager)
+  # Every worker restores what the chief saved (--model_dir must be on a file system that
+  # all workers see): a worker that restored nothing would train other weights from step 0.
+  restore_manager = manager if chief or config.overwrite else tf.train.CheckpointManager(
+      state.checkpoint, os.path.join(config.model_dir, checkpoints.CHECKPOINT_SUBDIR),
+      max_to_keep=config.keep_checkpoints)
+  restored = checkpoints.restore_latest(state.checkpoint, restore_manager)
   start_step = int(state.step.numpy())
   if restored:
     logging.info("resumed from %s at step %d (epoch %.2f)", restored, start_step,
