@@ -207,6 +207,8 @@ def test_precision_and_xla_auto_on_cpu_and_explicit_values_honoured():
       assert distribute.resolve_precision(precision, strategy) == precision
     assert distribute.resolve_jit_compile("true", strategy) is True
     assert distribute.resolve_jit_compile("false", strategy) is False
+    assert distribute.resolve_steps_per_execution(None, strategy) == 1
+    assert distribute.resolve_steps_per_execution(25, strategy) == 25
 
 
 @pytest.mark.parametrize("text, message", [
@@ -541,3 +543,32 @@ def test_launcher_stops_the_other_workers_when_one_fails(error_runs):
     with pytest.raises(ProcessLookupError):
       os.kill(pid, 0)
   assert not model_dir.exists()
+
+
+def test_a_peer_lost_mid_run_ends_the_chief_with_a_clear_message(tmp_path):
+  """SIGKILL worker 1 once both train: the chief's next collective fails, and it says so."""
+  ports = free_ports(2)
+  args = ["--strategy=multi_worker", "--depth=8", "--data_source=synthetic",
+          f"--model_dir={tmp_path / 'run'}", "--epochs=1", "--steps_per_epoch=100000",
+          "--global_batch_size=8", "--log_every_steps=20", "--peer_timeout_seconds=120"]
+  runs = [Run(args, tmp_path / "logs", f"worker{index}", {"TF_CONFIG": tf_config(ports, index)})
+          for index in range(2)]
+  try:
+    deadline = time.time() + RUN_TIMEOUT
+    while not re.search(r"step 40/", runs[1].stderr):
+      assert time.time() < deadline and not runs[0].poll() and not runs[1].poll(), (
+          runs[0].stderr[-3000:] + runs[1].stderr[-3000:])
+      time.sleep(0.5)
+    runs[1].kill()
+    killed = time.time()
+    # TensorFlow's own health check notices a silent peer within about 40 s.
+    finish([runs[0]], ERROR_TIMEOUT)
+    stderr = runs[0].stderr
+    assert runs[0].returncode == 1, stderr[-3000:]
+    assert "error: a peer worker was lost during training" in stderr, stderr[-3000:]
+    assert "restart every worker with the same flags and TF_CONFIG" in stderr
+    assert "Traceback" not in stderr
+    assert time.time() - killed < ERROR_TIMEOUT
+  finally:
+    for run in runs:
+      run.kill()

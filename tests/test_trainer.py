@@ -87,7 +87,8 @@ def test_entrypoint_trains_writes_outputs_and_resumes(tmp_path, image_folder):
 def test_mirrored_strategy_on_two_cpus_trains_and_resumes(tmp_path, image_folder):
   devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
   assert len(devices) == 2, "tests/conftest.py should have made two logical CPUs"
-  strategy = tf.distribute.MirroredStrategy(devices)
+  strategy = tf.distribute.MirroredStrategy(
+      devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
   config = config_lib.Config(depth=8, data_source="folder", data_dir=str(image_folder),
                              model_dir=str(tmp_path / "run"), epochs=1, steps_per_epoch=2,
                              global_batch_size=8, log_every_steps=1)
@@ -126,9 +127,28 @@ def test_config_rejects_invalid_values():
 
 def test_global_batch_not_divisible_by_replicas_fails_before_writing(tmp_path):
   devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
-  strategy = tf.distribute.MirroredStrategy(devices)
+  strategy = tf.distribute.MirroredStrategy(
+      devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
   config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=7,
                              model_dir=str(tmp_path / "run"), steps_per_epoch=1)
   with pytest.raises(config_lib.ConfigError, match="replicas"):
     train.train_and_evaluate(config, strategy)
   assert not os.path.exists(tmp_path / "run")
+
+
+def test_several_steps_per_execution_stop_at_log_and_epoch_boundaries(tmp_path):
+  config = config_lib.Config(depth=8, data_source="synthetic", model_dir=str(tmp_path / "run"),
+                             epochs=2, steps_per_epoch=7, global_batch_size=8,
+                             steps_per_execution=3, log_every_steps=5, eval_steps=1)
+  metrics = train.train_and_evaluate(config, tf.distribute.get_strategy())
+  assert metrics["steps"] == 14
+  assert [h["step"] for h in metrics["history"]] == [7, 14]
+  logged = set()
+  for path in (tmp_path / "run" / "train").glob("events.out.tfevents.*"):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      if any(value.tag == "loss" for value in event.summary.value):
+        logged.add(event.step)
+  # Calls of at most 3 steps, cut at every log (5, 10) and epoch (7, 14) boundary.
+  assert logged == {5, 7, 10, 14}
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert saved["steps_per_execution_resolved"] == 3

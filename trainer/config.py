@@ -64,7 +64,7 @@ class Config:
   sync_batch_norm: bool = False
   precision: str = "auto"
   jit_compile: str = "auto"
-  steps_per_execution: int = 1
+  steps_per_execution: int | None = None  # None: auto (distribute.py)
   # Output.
   model_dir: str = "runs/resnet"
   overwrite: bool = False
@@ -89,11 +89,11 @@ class Config:
       self.architecture()
     except ValueError as e:
       raise ConfigError(f"--depth/--stem/--shortcut/--stage_*: {e}") from None
-    for name in ("global_batch_size", "cpu_devices", "steps_per_execution",
-                 "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+    for name in ("global_batch_size", "cpu_devices", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                  "peer_timeout_seconds"):
       _positive(name, getattr(self, name))
-    for name in ("epochs", "steps_per_epoch", "eval_steps", "num_gpus", "clipnorm"):
+    for name in ("epochs", "steps_per_epoch", "eval_steps", "num_gpus", "clipnorm",
+                 "steps_per_execution"):
       if getattr(self, name) is not None:
         _positive(name, getattr(self, name))
     for name in ("learning_rate",):

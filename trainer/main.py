@@ -101,7 +101,9 @@ flags.DEFINE_enum("precision", "auto", list(config_lib.PRECISIONS),
                   "7.x, float32 on CPU.")
 flags.DEFINE_enum("jit_compile", "auto", list(config_lib.JIT_COMPILE),
                   "XLA for the per-replica step; auto: on for GPUs, off on CPU.")
-flags.DEFINE_integer("steps_per_execution", 1, "Training steps per call into TensorFlow.",
+flags.DEFINE_integer("steps_per_execution", None, "Training steps per call into TensorFlow "
+                     "(fewer host round-trips; calls still end at every log, checkpoint and "
+                     "epoch boundary). Default: 100 on GPUs and TPUs, 1 on CPU.",
                      lower_bound=1)
 # Output.
 flags.DEFINE_string("model_dir", "runs/resnet", "Where checkpoints, TensorBoard events, "
@@ -154,6 +156,18 @@ def _fail(message: str, code: int = 2) -> None:
   sys.exit(code)
 
 
+def _root_cause(message: str) -> str:
+  """The line of a TensorFlow error message that says what went wrong, not where."""
+  lines = [line.strip() for line in message.splitlines() if line.strip()]
+  boilerplate = ("Graph execution error", "Detected at node", "File ", "[[", "Traceback")
+  causes = [line for line in lines if not line.startswith(boilerplate)]
+  if not causes:
+    return lines[0] if lines else "no details"
+  # "...tasks are unhealthy (stopped sending heartbeats):" is followed by their names.
+  cause = " ".join(causes[:2]) if causes[0].endswith(":") else causes[0]
+  return cause[:300]
+
+
 def _import_tensorflow(show_logs: bool) -> None:
   """Imports TensorFlow, hiding the C++ start-up messages unless asked for.
 
@@ -189,6 +203,7 @@ def main(argv):
     config = config_from_flags()
   except config_lib.ConfigError as e:
     _fail(str(e))
+  import tensorflow as tf
   from input_pipeline import sources
   from trainer import checkpoints, distribute, export, train
 
@@ -216,10 +231,21 @@ def main(argv):
     _fail(str(e))
   except train.TrainingError as e:
     _fail(str(e), code=1)
+  except (tf.errors.UnavailableError, tf.errors.AbortedError,
+          tf.errors.DeadlineExceededError) as e:
+    if config.strategy != "multi_worker":
+      raise
+    # A collective op failed because a peer died or became unreachable mid-run.
+    logging.info("the collective op failed with: %s", e.message)
+    _fail(f"a peer worker was lost during training ({type(e).__name__}: "
+          f"{_root_cause(e.message)}); restart every worker with the same flags and "
+          "TF_CONFIG: the run resumes from the chief's last checkpoint", code=1)
+  where = (f"metrics in {os.path.join(config.model_dir, train.METRICS_FILE)}"
+           if distribute.is_chief(strategy) else "the chief wrote the metrics")
   print(f"done: {metrics['model']} test accuracy {metrics['test_accuracy']:.4f} after "
         f"{metrics['epochs']} epochs ({metrics['steps']} steps) in "
         f"{metrics['wall_seconds']:.0f} s, {metrics['images_per_second'] or float('nan'):.1f} "
-        f"training images/s; metrics in {os.path.join(config.model_dir, train.METRICS_FILE)}")
+        f"training images/s; {where}")
 
 
 if __name__ == "__main__":

@@ -344,6 +344,8 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
   replicas = strategy.num_replicas_in_sync
   precision = distribute.resolve_precision(config.precision, strategy)
   jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
+  steps_per_execution = distribute.resolve_steps_per_execution(config.steps_per_execution,
+                                                               strategy)
   chief = distribute.is_chief(strategy)
   # Workers other than the chief write to a scratch dir that they remove at the end.
   out_dir = config.model_dir if chief else tempfile.mkdtemp(prefix="resnet-cifar-worker-")
@@ -357,6 +359,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
   checkpoints.check_free_space(out_dir, _checkpoint_bytes(state), config.keep_checkpoints)
   resolved = {"strategy_resolved": type(strategy).__name__, "replicas": replicas,
               "precision_resolved": precision, "jit_compile_resolved": jit_compile,
+              "steps_per_execution_resolved": steps_per_execution,
               "per_replica_batch_size": per_replica_batch_size,
               "scaled_learning_rate": config.scaled_learning_rate,
               "steps_per_epoch_resolved": schedule.steps_per_epoch,
@@ -376,9 +379,10 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
                config.momentum, " (Nesterov)" if config.nesterov else "",
                config.weight_decay, config.label_smoothing,
                f", clipnorm {config.clipnorm}" if config.clipnorm else "")
-  logging.info("strategy %s, %d replica(s), precision %s, XLA %s, global batch %d "
-               "(%d per replica), learning rate %.4g (%.4g x %d/%d)",
-               type(strategy).__name__, replicas, precision, "on" if jit_compile else "off",
+  logging.info("strategy %s, %d replica(s), precision %s, XLA %s, %d step(s) per "
+               "execution, global batch %d (%d per replica), learning rate %.4g "
+               "(%.4g x %d/%d)", type(strategy).__name__, replicas, precision,
+               "on" if jit_compile else "off", steps_per_execution,
                config.global_batch_size, per_replica_batch_size, config.scaled_learning_rate,
                config.learning_rate, config.global_batch_size, REFERENCE_BATCH_SIZE)
 
@@ -510,7 +514,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
     # An epoch ends every steps_per_epoch steps, and at the last step (he2016 schedules
     # need not end on an epoch boundary).
     epoch_end = min((step // schedule.steps_per_epoch + 1) * schedule.steps_per_epoch, total)
-    boundaries = [epoch_end, step + config.steps_per_execution,
+    boundaries = [epoch_end, step + steps_per_execution,
                   (step // config.log_every_steps + 1) * config.log_every_steps,
                   (step // config.checkpoint_every_steps + 1) * config.checkpoint_every_steps]
     if profile:
