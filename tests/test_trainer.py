@@ -4,8 +4,10 @@ and flag validation."""
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -152,3 +154,32 @@ def test_several_steps_per_execution_stop_at_log_and_epoch_boundaries(tmp_path):
   assert logged == {5, 7, 10, 14}
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   assert saved["steps_per_execution_resolved"] == 3
+
+
+def test_ctrl_c_stops_with_a_message_and_the_run_resumes(tmp_path):
+  model_dir = tmp_path / "run"
+  common = ["--depth=8", "--data_source=synthetic", f"--model_dir={model_dir}",
+            "--global_batch_size=8", "--log_every_steps=1", "--checkpoint_every_steps=2",
+            "--eval_steps=1", "--steps_per_epoch=12"]
+  args = ["-m", "trainer.main", *common, "--epochs=10000"]
+  stderr_path = tmp_path / "stderr"
+  with open(stderr_path, "w") as stderr:
+    process = subprocess.Popen([sys.executable, *args], cwd=REPO, stderr=stderr,
+                               stdout=subprocess.DEVNULL)
+    try:
+      deadline = time.time() + 300
+      while "step 5/" not in stderr_path.read_text():
+        assert process.poll() is None and time.time() < deadline, stderr_path.read_text()
+        time.sleep(0.2)
+      process.send_signal(signal.SIGINT)
+      process.wait(timeout=120)
+    finally:
+      process.kill()
+  output = stderr_path.read_text()
+  assert process.returncode == 130, output[-3000:]
+  assert "error: interrupted; checkpoints in" in output
+  assert "Traceback" not in output
+  # The rerun resumes from the last checkpoint (saved every 2 steps).
+  resumed = run_main(*common, "--epochs=1")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from" in resumed.stderr

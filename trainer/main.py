@@ -231,6 +231,12 @@ def main(argv):
     _fail(str(e))
   except train.TrainingError as e:
     _fail(str(e), code=1)
+  except KeyboardInterrupt:
+    # Nothing is saved here: the interrupt may land between a step and its bookkeeping.
+    # Checkpoints are written atomically, so the last one is intact.
+    where = os.path.join(config.model_dir, checkpoints.CHECKPOINT_SUBDIR)
+    _fail(f"interrupted; checkpoints in {where} are intact: rerun the same command to "
+          "resume from the last one", code=130)
   except (tf.errors.UnavailableError, tf.errors.AbortedError,
           tf.errors.DeadlineExceededError) as e:
     if config.strategy != "multi_worker":
