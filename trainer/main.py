@@ -5,6 +5,7 @@ the strategy and hands both to trainer.train.
 """
 
 import os
+import signal
 import sys
 
 # Keep TensorFlow's C++ start-up noise out of the way unless the user asks for it.
@@ -198,6 +199,10 @@ def _import_tensorflow(show_logs: bool) -> None:
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  # A shell without job control starts background commands with SIGINT ignored, and Python
+  # then never raises KeyboardInterrupt; the launch and study scripts stop trainers with
+  # SIGINT, so it must always mean "stop".
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   _import_tensorflow(FLAGS.tf_logs)
   try:
     config = config_from_flags()
