@@ -173,6 +173,14 @@ def test_eval_mode_writes_metrics(trained_run, which):
     assert metrics["checkpoint"].endswith("checkpoints/ckpt-8")
 
 
+def test_eval_mode_with_flip_reports_it(trained_run):
+  result = run_main("--mode=eval", "--eval_flip", f"--model_dir={trained_run}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = json.loads((trained_run / "eval.json").read_text())
+  assert 0.0 <= metrics["test_flip_accuracy"] <= 1.0
+  assert f"flip accuracy {metrics['test_flip_accuracy']:.4f}" in result.stdout
+
+
 def test_eval_and_export_without_checkpoint_fail_clearly(tmp_path):
   for mode in ("eval", "export"):
     result = run_main(f"--mode={mode}", f"--model_dir={tmp_path / 'empty'}")

@@ -225,9 +225,14 @@ def main(argv):
         all_reduce=config.all_reduce, peer_timeout_seconds=config.peer_timeout_seconds)
     if config.mode == "eval":
       metrics = train.evaluate_checkpoint(config, strategy)
+      # --eval_flip and an EMA add test_flip_accuracy, test_ema_accuracy, ...
+      extras = "".join(f", {key[len('test_'):].replace('_', ' ')} {value:.4f}"
+                       for key, value in metrics.items()
+                       if key.startswith("test_") and key.endswith("_accuracy")
+                       and key != "test_accuracy")
       print(f"eval: {metrics['model']} {metrics['checkpoint']} (step {metrics['step']}): "
-            f"test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f} "
-            f"on {metrics['examples']} images; written to "
+            f"test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}"
+            f"{extras} on {metrics['examples']} images; written to "
             f"{os.path.join(config.model_dir, train.EVAL_FILE)}")
       return
     metrics = train.train_and_evaluate(config, strategy)
