@@ -89,8 +89,8 @@ class Config:
       self.architecture()
     except ValueError as e:
       raise ConfigError(f"--depth/--stem/--shortcut/--stage_*: {e}") from None
-    for name in ("global_batch_size", "cpu_devices", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                 "peer_timeout_seconds"):
+    for name in ("global_batch_size", "cpu_devices", "log_every_steps",
+                 "checkpoint_every_steps", "keep_checkpoints", "peer_timeout_seconds"):
       _positive(name, getattr(self, name))
     for name in ("epochs", "steps_per_epoch", "eval_steps", "num_gpus", "clipnorm",
                  "steps_per_execution"):
