@@ -201,16 +201,22 @@ def time_keras_fit(model, float_inputs: bool) -> float:
   return statistics.median(rates)
 
 
-def run_keras_baselines() -> dict:
-  """Keras `fit` of our model, and of the minimal hand-written one: images/s of each."""
+def _our_model():
+  """Our ResNet as the trainer builds it, under the benchmark's dtype policy (set here)."""
   import keras
   from input_pipeline import pipeline
   from trainer import resnet
   keras.mixed_precision.set_global_policy(
       "float32" if FLAGS.precision == "auto" else FLAGS.precision)
-  ours = resnet.build_model(resnet.architecture(FLAGS.depth, plain=FLAGS.plain,
+  return resnet.build_model(resnet.architecture(FLAGS.depth, plain=FLAGS.plain,
                                                 stem=FLAGS.stem),
                             input_mean=pipeline.CIFAR10_MEAN, input_std=pipeline.CIFAR10_STD)
+
+
+def run_keras_baselines() -> dict:
+  """Keras `fit` of our model, and of the minimal hand-written one: images/s of each."""
+  import keras
+  ours = _our_model()
   minimal = minimal_keras_resnet(FLAGS.depth, FLAGS.plain, FLAGS.stem)
   result = {"keras_fit": time_keras_fit(ours, float_inputs=False),
             "minimal_keras": time_keras_fit(minimal, float_inputs=True),
@@ -229,13 +235,7 @@ def measure_compute_step_ms() -> float:
   import keras
   import numpy as np
   import tensorflow as tf
-  from input_pipeline import pipeline
-  from trainer import resnet
-  keras.mixed_precision.set_global_policy(
-      "float32" if FLAGS.precision == "auto" else FLAGS.precision)
-  model = resnet.build_model(resnet.architecture(FLAGS.depth, plain=FLAGS.plain,
-                                                 stem=FLAGS.stem),
-                             input_mean=pipeline.CIFAR10_MEAN, input_std=pipeline.CIFAR10_STD)
+  model = _our_model()
   optimizer = keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True)
   optimizer.build(model.trainable_variables)
   rng = np.random.default_rng(0)
