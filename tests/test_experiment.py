@@ -159,3 +159,18 @@ def test_validation_split_runs_take_final_test_error_from_metrics(tmp_path):
   (row,) = read_csv(tmp_path / "curves.csv")
   assert row["eval_split"] == "validation" and float(row["test_error"]) == pytest.approx(40.0)
   assert "validation split" in experiment.results_markdown([run])
+
+
+def test_runs_sharing_a_label_get_their_own_colours():
+  runs = [_run("plain-20", 20, True, [20.0]), _run("resnet-20", 20, False, [18.0]),
+          _run("resnet-56", 56, False, [16.0]), _run("resnet-20-wd1e3", 20, False, [17.0])]
+  colours = experiment.run_colours(runs)
+  assert len(colours) == 4
+  # Figure 6's convention where labels are unique: plain-20 and ResNet-56 differ.
+  assert colours["/runs/plain-20"] != colours["/runs/resnet-56"]
+  # The two ResNet-20 runs (an ablation) are distinguishable from each other and the rest.
+  assert len({colours["/runs/resnet-20"], colours["/runs/resnet-20-wd1e3"],
+              colours["/runs/plain-20"], colours["/runs/resnet-56"]}) == 4
+  # Without the ablation run, each depth has one colour in both panels.
+  colours = experiment.run_colours(runs[:3])
+  assert colours["/runs/plain-20"] == colours["/runs/resnet-20"] != colours["/runs/resnet-56"]

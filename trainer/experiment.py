@@ -302,11 +302,19 @@ def describe_settings(runs: Sequence[Run]) -> str:
   return text
 
 
-def _colours(depths: Sequence[int]) -> dict[int, str]:
-  # The same depth gets the same colour in both panels, as in He et al. Figure 6.
+def run_colours(runs: Sequence[Run]) -> dict[str, str]:
+  """model dir -> line colour: one colour per depth, shared by both panels as in He et al.
+  Figure 6, except that runs sharing a label (e.g. two ResNet-20 runs of an ablation) each
+  get their own colour, so their curves can be told apart."""
   palette = ["tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown",
              "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
-  return {d: palette[i % len(palette)] for i, d in enumerate(sorted(set(depths)))}
+  counts: dict[str, int] = {}
+  for run in runs:
+    counts[run.label] = counts.get(run.label, 0) + 1
+  keys = {run.model_dir: (run.depth, run.model_dir if counts[run.label] > 1 else "")
+          for run in runs}
+  order = {key: i for i, key in enumerate(sorted(set(keys.values())))}
+  return {name: palette[order[key] % len(palette)] for name, key in keys.items()}
 
 
 def _unique_labels(runs: Sequence[Run]) -> dict[str, str]:
@@ -323,7 +331,7 @@ def plot_figure(runs: Sequence[Run], path: str, *, x_axis: str = "epoch",
   """Writes the two-panel figure: plain nets left, ResNets right, error (%) over time.
 
   Training error is dashed and thin, test (or validation) error solid and bold; one colour
-  per depth.
+  per depth (per run where runs share a depth and kind).
 
   Args:
     runs: the runs to draw (either panel may be empty).
@@ -339,7 +347,7 @@ def plot_figure(runs: Sequence[Run], path: str, *, x_axis: str = "epoch",
   from matplotlib.lines import Line2D
   from matplotlib.ticker import MaxNLocator
 
-  colours = _colours([r.depth for r in runs])
+  colours = run_colours(runs)
   labels = _unique_labels(runs)
   eval_name = "/".join(sorted({r.eval_split for r in runs}, reverse=True)) or "test"
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True, sharey=True)
@@ -354,7 +362,7 @@ def plot_figure(runs: Sequence[Run], path: str, *, x_axis: str = "epoch",
       top = max(top, *train, *test)
       # Markers only when a curve has few points, where a bare line would hide them.
       marker = "o" if len(xs) <= 12 else None
-      colour = colours[run.depth]
+      colour = colours[run.model_dir]
       ax.plot(xs, train, linestyle="--", linewidth=1.0, color=colour, marker=marker,
               markersize=3)
       handles.append(ax.plot(xs, test, linestyle="-", linewidth=2.4, color=colour,
