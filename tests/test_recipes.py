@@ -33,7 +33,7 @@ def test_fast_recipe_is_the_default():
   config = config_for()
   assert config.recipe == "fast"
   assert (config.epochs, config.learning_rate, config.lr_schedule) == (30, 0.1, "cosine")
-  assert (config.momentum, config.nesterov, config.weight_decay) == (0.9, True, 5e-4)
+  assert (config.momentum, config.nesterov, config.weight_decay) == (0.9, True, 1e-3)
   assert (config.label_smoothing, config.bn_momentum, config.warmup_epochs) == (0.1, 0.9, 2.0)
   assert config.clipnorm is None
 

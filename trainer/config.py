@@ -48,7 +48,7 @@ class Config:
   warmup_epochs: float = 2.0
   momentum: float = 0.9
   nesterov: bool = True
-  weight_decay: float = 5e-4
+  weight_decay: float = 1e-3
   label_smoothing: float = 0.1
   clipnorm: float | None = None
   ema_decay: float = 0.0
