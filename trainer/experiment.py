@@ -3,6 +3,7 @@ writing curves.csv, the figure in the style of He et al. (2015) Figure 6 and res
 Used by scripts/compare_plain_residual.py and scripts/plot_runs.py.
 """
 
+import collections
 import csv
 import dataclasses
 import json
@@ -308,20 +309,16 @@ def run_colours(runs: Sequence[Run]) -> dict[str, str]:
   get their own colour, so their curves can be told apart."""
   palette = ["tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown",
              "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
-  counts: dict[str, int] = {}
-  for run in runs:
-    counts[run.label] = counts.get(run.label, 0) + 1
+  counts = collections.Counter(run.label for run in runs)
   keys = {run.model_dir: (run.depth, run.model_dir if counts[run.label] > 1 else "")
           for run in runs}
   order = {key: i for i, key in enumerate(sorted(set(keys.values())))}
-  return {name: palette[order[key] % len(palette)] for name, key in keys.items()}
+  return {model_dir: palette[order[key] % len(palette)] for model_dir, key in keys.items()}
 
 
 def _unique_labels(runs: Sequence[Run]) -> dict[str, str]:
   """run name -> legend label, with the run name appended where two runs share a label."""
-  counts: dict[str, int] = {}
-  for run in runs:
-    counts[run.label] = counts.get(run.label, 0) + 1
+  counts = collections.Counter(run.label for run in runs)
   return {run.name: run.label if counts[run.label] == 1 else f"{run.label} ({run.name})"
           for run in runs}
 
