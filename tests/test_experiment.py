@@ -2,6 +2,7 @@
 scripts/compare_plain_residual.py, a resuming rerun, failures, and scripts/plot_runs.py."""
 
 import csv
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -174,3 +175,22 @@ def test_runs_sharing_a_label_get_their_own_colours():
   # Without the ablation run, each depth has one colour in both panels.
   colours = experiment.run_colours(runs[:3])
   assert colours["/runs/plain-20"] == colours["/runs/resnet-20"] != colours["/runs/resnet-56"]
+
+
+def test_legend_labels_tell_apart_runs_of_two_studies():
+  a, b = _run("resnet-20", 20, False, [18.0]), _run("resnet-20", 20, False, [17.0])
+  b = dataclasses.replace(b, model_dir="/other-study/resnet-20")
+  a = dataclasses.replace(a, model_dir="/study/resnet-20")
+  labels = experiment._unique_labels([a, b, _run("resnet-56", 56, False, [16.0])])
+  assert labels == {"/study/resnet-20": "ResNet-20 (study/resnet-20)",
+                    "/other-study/resnet-20": "ResNet-20 (other-study/resnet-20)",
+                    "/runs/resnet-56": "ResNet-56"}
+
+
+def test_figure_of_one_kind_has_one_panel(tmp_path):
+  resnets = [_run("resnet-20", 20, False, [18.0, 9.0]), _run("resnet-56", 56, False, [16.0, 8.0])]
+  experiment.plot_figure(resnets, tmp_path / "one.png")
+  experiment.plot_figure(resnets + [_run("plain-20", 20, True, [20.0, 9.5])],
+                         tmp_path / "two.png")
+  one, two = (matplotlib.image.imread(tmp_path / f).shape for f in ("one.png", "two.png"))
+  assert one[0] == two[0] and one[1] < 0.6 * two[1]

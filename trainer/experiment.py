@@ -317,21 +317,32 @@ def run_colours(runs: Sequence[Run]) -> dict[str, str]:
 
 
 def _unique_labels(runs: Sequence[Run]) -> dict[str, str]:
-  """run name -> legend label, with the run name appended where two runs share a label."""
-  counts = collections.Counter(run.label for run in runs)
-  return {run.name: run.label if counts[run.label] == 1 else f"{run.label} ({run.name})"
-          for run in runs}
+  """model dir -> legend label: the run's label, plus its run name where two runs share a
+  label, plus its parent folder where they share the run name too (two studies' resnet-20)."""
+  labels = collections.Counter(run.label for run in runs)
+  names = collections.Counter((run.label, run.name) for run in runs)
+  out = {}
+  for run in runs:
+    if labels[run.label] == 1:
+      out[run.model_dir] = run.label
+    elif names[(run.label, run.name)] == 1:
+      out[run.model_dir] = f"{run.label} ({run.name})"
+    else:
+      parent = os.path.basename(os.path.dirname(os.path.normpath(run.model_dir)))
+      out[run.model_dir] = f"{run.label} ({parent}/{run.name})"
+  return out
 
 
 def plot_figure(runs: Sequence[Run], path: str, *, x_axis: str = "epoch",
                 title: str | None = None) -> None:
-  """Writes the two-panel figure: plain nets left, ResNets right, error (%) over time.
+  """Writes the figure: plain nets left, ResNets right, error (%) over time.
 
   Training error is dashed and thin, test (or validation) error solid and bold; one colour
-  per depth (per run where runs share a depth and kind).
+  per depth (per run where runs share a depth and kind). Runs of one kind only (e.g. an
+  ablation of ResNets) get one panel.
 
   Args:
-    runs: the runs to draw (either panel may be empty).
+    runs: the runs to draw.
     path: the PNG to write.
     x_axis: "epoch" or "step" (He et al. plot iterations).
     title: the figure's title; default: describe_settings(runs).
@@ -347,9 +358,13 @@ def plot_figure(runs: Sequence[Run], path: str, *, x_axis: str = "epoch",
   colours = run_colours(runs)
   labels = _unique_labels(runs)
   eval_name = "/".join(sorted({r.eval_split for r in runs}, reverse=True)) or "test"
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True, sharey=True)
+  panels = [(kind, title) for kind, title in zip(KINDS, ("plain networks", "ResNets"))
+            if any(r.kind == kind for r in runs)] or [(KINDS[1], "ResNets")]
+  fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), sharex=True,
+                           sharey=True, squeeze=False)
+  axes = axes[0]
   top = 0.0
-  for ax, kind, panel in zip(axes, KINDS, ("plain networks", "ResNets")):
+  for ax, (kind, panel) in zip(axes, panels):
     panel_runs = sorted((r for r in runs if r.kind == kind), key=lambda r: (r.depth, r.name))
     handles = []
     for run in panel_runs:
@@ -363,9 +378,9 @@ def plot_figure(runs: Sequence[Run], path: str, *, x_axis: str = "epoch",
       ax.plot(xs, train, linestyle="--", linewidth=1.0, color=colour, marker=marker,
               markersize=3)
       handles.append(ax.plot(xs, test, linestyle="-", linewidth=2.4, color=colour,
-                             marker=marker, markersize=4, label=labels[run.name])[0])
+                             marker=marker, markersize=4, label=labels[run.model_dir])[0])
     if not panel_runs:
-      ax.text(0.5, 0.5, f"no {kind} runs", ha="center", va="center", transform=ax.transAxes)
+      ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes)
     handles += [Line2D([], [], color="black", linestyle="--", linewidth=1.0,
                        label="training error"),
                 Line2D([], [], color="black", linestyle="-", linewidth=2.4,
