@@ -358,7 +358,7 @@ def plot_figure(runs: Sequence[Run], path: str, *, x_axis: str = "epoch",
   colours = run_colours(runs)
   labels = _unique_labels(runs)
   eval_name = "/".join(sorted({r.eval_split for r in runs}, reverse=True)) or "test"
-  panels = [(kind, title) for kind, title in zip(KINDS, ("plain networks", "ResNets"))
+  panels = [(kind, heading) for kind, heading in zip(KINDS, ("plain networks", "ResNets"))
             if any(r.kind == kind for r in runs)] or [(KINDS[1], "ResNets")]
   fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), sharex=True,
                            sharey=True, squeeze=False)
