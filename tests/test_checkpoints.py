@@ -153,6 +153,22 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
       assert np.isfinite(value).all(), name
 
 
+def test_a_failing_worker_removes_its_scratch_dir(tmp_path, monkeypatch):
+  from trainer import config as config_lib, distribute, train
+  scratch_root = tmp_path / "tmp"
+  scratch_root.mkdir()
+  monkeypatch.setattr(train.tempfile, "tempdir", str(scratch_root))
+  monkeypatch.setattr(distribute, "is_chief", lambda strategy: False)
+  # It saves checkpoints in its scratch dir every step until the loss goes NaN.
+  config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=16,
+                             steps_per_epoch=4, eval_steps=2, epochs=3, learning_rate=1e30,
+                             checkpoint_every_steps=1, model_dir=str(tmp_path / "run"))
+  with pytest.raises(train.TrainingError, match="NaN or Inf"):
+    train.train_and_evaluate(config, tf.distribute.get_strategy())
+  assert not list(scratch_root.glob("resnet-cifar-worker-*"))  # autograph's files stay
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> pathlib.Path:
   model_dir = tmp_path_factory.mktemp("trained") / "run"

@@ -4,7 +4,6 @@ TensorBoard summaries, checkpoints, resume after a crash, metrics.json, and --mo
 
 import dataclasses
 import os
-import shutil
 import tempfile
 import time
 
@@ -334,6 +333,18 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
     checkpoints.CheckpointError: when checkpoints exist but none can be restored.
     TrainingError: when the loss becomes NaN or Inf.
   """
+  if distribute.is_chief(strategy):
+    return _train_and_evaluate(config, strategy, config.model_dir, chief=True)
+  # Workers other than the chief write to a scratch dir of their own, removed however the
+  # run ends: a failed worker's checkpoints would otherwise pile up in the temp dir.
+  with tempfile.TemporaryDirectory(prefix="resnet-cifar-worker-",
+                                   ignore_cleanup_errors=True) as scratch:
+    return _train_and_evaluate(config, strategy, scratch, chief=False)
+
+
+def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, out_dir: str,
+                        chief: bool) -> dict:
+  """train_and_evaluate's body, writing to `out_dir` (the model dir on the chief)."""
   wall_start = time.time()
   _set_op_determinism(config.deterministic)
   train_split, eval_split, test_split = _load_data(config)
@@ -346,9 +357,6 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
   jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
   steps_per_execution = distribute.resolve_steps_per_execution(config.steps_per_execution,
                                                                strategy)
-  chief = distribute.is_chief(strategy)
-  # Workers other than the chief write to a scratch dir that they remove at the end.
-  out_dir = config.model_dir if chief else tempfile.mkdtemp(prefix="resnet-cifar-worker-")
   checkpoints.check_writable(out_dir)
   if config.overwrite:
     checkpoints.clear_run(out_dir)
@@ -631,8 +639,6 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
     metrics["best_validation_accuracy"] = best_accuracy
   if chief:
     checkpoints.write_json_atomically(os.path.join(out_dir, METRICS_FILE), metrics)
-  else:
-    shutil.rmtree(out_dir, ignore_errors=True)
   return metrics
 
 
