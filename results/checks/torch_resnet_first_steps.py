@@ -75,8 +75,9 @@ def main() -> None:
   optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
   losses = []
   for step in range(steps):
+    lr = 0.01 if step < warmup_steps else 0.1
     for group in optimizer.param_groups:
-      group["lr"] = 0.01 if step < warmup_steps else 0.1
+      group["lr"] = lr
     x = images[step * BATCH:(step + 1) * BATCH]
     y = labels[step * BATCH:(step + 1) * BATCH]
     # Pad-4 crop and flip, one draw per batch: enough for a first-steps check.
@@ -90,7 +91,7 @@ def main() -> None:
     optimizer.step()
     losses.append(loss.item())
     if step < 12 or 0 < warmup_steps <= step < warmup_steps + 12:
-      print(f"step {step + 1} lr {group['lr']} loss {losses[-1]:.4f}", flush=True)
+      print(f"step {step + 1} lr {lr} loss {losses[-1]:.4f}", flush=True)
     elif (step + 1) % 10 == 0:
       print(f"steps {step - 8}-{step + 1} mean loss {np.mean(losses[-10:]):.4f}", flush=True)
 
