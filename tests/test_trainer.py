@@ -178,6 +178,8 @@ def test_ctrl_c_stops_with_a_message_and_the_run_resumes(tmp_path):
   output = stderr_path.read_text()
   assert process.returncode == 130, output[-3000:]
   assert "error: interrupted; checkpoints in" in output
+  # Announced as soon as the signal arrives, before the step returns and the run stops.
+  assert output.index("interrupt received: stopping") < output.index("error: interrupted")
   assert "Traceback" not in output
   # The rerun resumes from the last checkpoint (saved every 2 steps).
   resumed = run_main(*common, "--epochs=1")

@@ -7,6 +7,7 @@ the strategy and hands both to trainer.train.
 import os
 import signal
 import sys
+import threading
 
 # Keep TensorFlow's C++ start-up noise out of the way unless the user asks for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -157,6 +158,25 @@ def _fail(message: str, code: int = 2) -> None:
   sys.exit(code)
 
 
+def _announce_interrupts() -> None:
+  """Says "stopping" the moment Ctrl-C arrives, not when the running step returns.
+
+  Python runs its SIGINT handler only once TensorFlow hands control back (a CPU step can
+  take seconds), but the C-level handler writes to the wake-up fd at once.
+  """
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)
+  signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+  def notice() -> None:
+    while True:
+      if signal.SIGINT in os.read(read_fd, 64):
+        print("interrupt received: stopping when the current TensorFlow call returns",
+              file=sys.stderr, flush=True)
+
+  threading.Thread(target=notice, name="interrupt-notice", daemon=True).start()
+
+
 def _root_cause(message: str) -> str:
   """The line of a TensorFlow error message that says what went wrong, not where."""
   lines = [line.strip() for line in message.splitlines() if line.strip()]
@@ -203,6 +223,7 @@ def main(argv):
   # then never raises KeyboardInterrupt; the launch and study scripts stop trainers with
   # SIGINT, so it must always mean "stop".
   signal.signal(signal.SIGINT, signal.default_int_handler)
+  _announce_interrupts()
   _import_tensorflow(FLAGS.tf_logs)
   try:
     config = config_from_flags()
