@@ -329,9 +329,9 @@ def run_jobs(jobs: list[Job], extra_args: list[str], parallel: int,
         failures.append(f"{run.job.label}: exit code {code} ({last.strip()}); see "
                         f"{run.log.name}")
   except KeyboardInterrupt:
-    # The runs keep their checkpoints: the same command resumes them. SIGINT, not SIGTERM:
-    # TensorFlow's preemption notifier takes SIGTERM and the trainer would run on. (A Ctrl-C
-    # in the terminal has reached them already; a signal sent to this process alone has not.)
+    # The runs keep their checkpoints: the same command resumes them. SIGINT, so that each
+    # says "interrupted" as after a Ctrl-C. (A Ctrl-C in the terminal has reached them
+    # already; a signal sent to this process alone has not.)
     for run in running:
       if run.process.poll() is None:
         run.process.send_signal(signal.SIGINT)

@@ -572,3 +572,29 @@ def test_a_peer_lost_mid_run_ends_the_chief_with_a_clear_message(tmp_path):
   finally:
     for run in runs:
       run.kill()
+
+
+def test_sigterm_stops_a_worker_even_though_tensorflow_installs_its_own_handler(tmp_path):
+  """The coordination service's preemption notifier would swallow SIGTERM; main takes it back."""
+  ports = free_ports(2)
+  args = ["--strategy=multi_worker", "--depth=8", "--data_source=synthetic",
+          f"--model_dir={tmp_path / 'run'}", "--epochs=1", "--steps_per_epoch=100000",
+          "--global_batch_size=8", "--log_every_steps=20", "--peer_timeout_seconds=120"]
+  runs = [Run(args, tmp_path / "logs", f"worker{index}", {"TF_CONFIG": tf_config(ports, index)})
+          for index in range(2)]
+  try:
+    deadline = time.time() + RUN_TIMEOUT
+    while not re.search(r"step 40/", runs[1].stderr):
+      assert time.time() < deadline and not runs[0].poll() and not runs[1].poll(), (
+          runs[0].stderr[-3000:] + runs[1].stderr[-3000:])
+      time.sleep(0.5)
+    runs[1].process.send_signal(signal.SIGTERM)
+    finish(runs, ERROR_TIMEOUT)
+    assert runs[1].returncode == 143, runs[1].stderr[-3000:]
+    assert "error: terminated (SIGTERM); checkpoints in" in runs[1].stderr
+    assert runs[0].returncode == 1, runs[0].stderr[-3000:]
+    assert "error: a peer worker was lost during training" in runs[0].stderr
+    assert all("Traceback" not in run.stderr for run in runs)
+  finally:
+    for run in runs:
+      run.kill()

@@ -156,7 +156,13 @@ def test_several_steps_per_execution_stop_at_log_and_epoch_boundaries(tmp_path):
   assert saved["steps_per_execution_resolved"] == 3
 
 
-def test_ctrl_c_stops_with_a_message_and_the_run_resumes(tmp_path):
+@pytest.mark.parametrize("signum, code, notice, error", [
+    (signal.SIGINT, 130, "interrupt received: stopping", "error: interrupted; checkpoints in"),
+    (signal.SIGTERM, 143, "SIGTERM received: stopping",
+     "error: terminated (SIGTERM); checkpoints in"),
+], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_with_a_message_and_the_run_resumes(
+    tmp_path, signum, code, notice, error):
   model_dir = tmp_path / "run"
   common = ["--depth=8", "--data_source=synthetic", f"--model_dir={model_dir}",
             "--global_batch_size=8", "--log_every_steps=1", "--checkpoint_every_steps=2",
@@ -171,15 +177,15 @@ def test_ctrl_c_stops_with_a_message_and_the_run_resumes(tmp_path):
       while "step 5/" not in stderr_path.read_text():
         assert process.poll() is None and time.time() < deadline, stderr_path.read_text()
         time.sleep(0.2)
-      process.send_signal(signal.SIGINT)
+      process.send_signal(signum)
       process.wait(timeout=120)
     finally:
       process.kill()
   output = stderr_path.read_text()
-  assert process.returncode == 130, output[-3000:]
-  assert "error: interrupted; checkpoints in" in output
+  assert process.returncode == code, output[-3000:]
+  assert error in output
   # Announced as soon as the signal arrives, before the step returns and the run stops.
-  assert output.index("interrupt received: stopping") < output.index("error: interrupted")
+  assert output.index(notice) < output.index(error)
   assert "Traceback" not in output
   # The rerun resumes from the last checkpoint (saved every 2 steps).
   resumed = run_main(*common, "--epochs=1")

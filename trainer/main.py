@@ -158,21 +158,32 @@ def _fail(message: str, code: int = 2) -> None:
   sys.exit(code)
 
 
-def _announce_interrupts() -> None:
-  """Says "stopping" the moment Ctrl-C arrives, not when the running step returns.
+class _Terminated(KeyboardInterrupt):
+  """SIGTERM (what Slurm, Kubernetes and `kill` send) stops the run like Ctrl-C does."""
 
-  Python runs its SIGINT handler only once TensorFlow hands control back (a CPU step can
+
+def _raise_terminated(signum, frame) -> None:
+  del signum, frame
+  raise _Terminated()
+
+
+def _announce_interrupts() -> None:
+  """Says "stopping" the moment Ctrl-C or SIGTERM arrives, not when the step returns.
+
+  Python runs its signal handlers only once TensorFlow hands control back (a CPU step can
   take seconds), but the C-level handler writes to the wake-up fd at once.
   """
   read_fd, write_fd = os.pipe()
   os.set_blocking(write_fd, False)
   signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+  names = {signal.SIGINT: "interrupt", signal.SIGTERM: "SIGTERM"}
 
   def notice() -> None:
     while True:
-      if signal.SIGINT in os.read(read_fd, 64):
-        print("interrupt received: stopping when the current TensorFlow call returns",
-              file=sys.stderr, flush=True)
+      for signum in os.read(read_fd, 64):
+        if signum in names:
+          print(f"{names[signum]} received: stopping when the current TensorFlow call "
+                "returns", file=sys.stderr, flush=True)
 
   threading.Thread(target=notice, name="interrupt-notice", daemon=True).start()
 
@@ -223,6 +234,7 @@ def main(argv):
   # then never raises KeyboardInterrupt; the launch and study scripts stop trainers with
   # SIGINT, so it must always mean "stop".
   signal.signal(signal.SIGINT, signal.default_int_handler)
+  signal.signal(signal.SIGTERM, _raise_terminated)
   _announce_interrupts()
   _import_tensorflow(FLAGS.tf_logs)
   try:
@@ -244,6 +256,10 @@ def main(argv):
     strategy = distribute.make_strategy(
         config.strategy, num_gpus=config.num_gpus, tpu=config.tpu,
         all_reduce=config.all_reduce, peer_timeout_seconds=config.peer_timeout_seconds)
+    # MultiWorkerMirroredStrategy's coordination service puts in TensorFlow's own SIGTERM
+    # handler (a preemption notifier this trainer does not use), which swallows the signal
+    # and lets training run on until the scheduler's SIGKILL; take it back.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     if config.mode == "eval":
       metrics = train.evaluate_checkpoint(config, strategy)
       # --eval_flip and an EMA add test_flip_accuracy, test_ema_accuracy, ...
@@ -262,12 +278,14 @@ def main(argv):
     _fail(str(e))
   except train.TrainingError as e:
     _fail(str(e), code=1)
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:
     # Nothing is saved here: the interrupt may land between a step and its bookkeeping.
     # Checkpoints are written atomically, so the last one is intact.
     where = os.path.join(config.model_dir, checkpoints.CHECKPOINT_SUBDIR)
-    _fail(f"interrupted; checkpoints in {where} are intact: rerun the same command to "
-          "resume from the last one", code=130)
+    terminated = isinstance(e, _Terminated)
+    _fail(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}; checkpoints in "
+          f"{where} are intact: rerun the same command to resume from the last one",
+          code=143 if terminated else 130)
   except (tf.errors.UnavailableError, tf.errors.AbortedError,
           tf.errors.DeadlineExceededError) as e:
     if config.strategy != "multi_worker":
