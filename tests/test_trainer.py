@@ -156,6 +156,35 @@ def test_several_steps_per_execution_stop_at_log_and_epoch_boundaries(tmp_path):
   assert saved["steps_per_execution_resolved"] == 3
 
 
+@pytest.mark.parametrize("stop, code, error", [
+    (KeyboardInterrupt, 130, "error: interrupted while starting up; nothing was written"),
+    ("sigterm", 143, "error: terminated (SIGTERM) while starting up; nothing was written"),
+])
+def test_a_signal_while_importing_tensorflow_exits_with_a_message(
+    monkeypatch, capsys, stop, code, error):
+  from absl import flags
+  from trainer import main as main_lib
+  stop = main_lib._Terminated if stop == "sigterm" else stop
+
+  def importing(show_logs: bool) -> None:
+    raise stop()  # What the signal handler raises, as it would mid-import.
+
+  monkeypatch.setattr(main_lib, "_import_tensorflow", importing)
+  monkeypatch.setattr(main_lib, "_announce_interrupts", lambda: None)
+  handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["trainer.main", "--data_source=synthetic"])
+  try:
+    with pytest.raises(SystemExit) as exited:
+      main_lib.main(["trainer.main"])
+  finally:
+    flags.FLAGS.unparse_flags()
+    for signum, handler in handlers.items():
+      signal.signal(signum, handler)
+  assert exited.value.code == code
+  assert error in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("signum, code, notice, error", [
     (signal.SIGINT, 130, "interrupt received: stopping", "error: interrupted; checkpoints in"),
     (signal.SIGTERM, 143, "SIGTERM received: stopping",

@@ -167,6 +167,11 @@ def _raise_terminated(signum, frame) -> None:
   raise _Terminated()
 
 
+def _stop_reason(e: KeyboardInterrupt) -> tuple[str, int]:
+  """What stopped the run, for the error line, and the shell's exit status for it."""
+  return ("terminated (SIGTERM)", 143) if isinstance(e, _Terminated) else ("interrupted", 130)
+
+
 def _announce_interrupts() -> None:
   """Says "stopping" the moment Ctrl-C or SIGTERM arrives, not when the step returns.
 
@@ -236,17 +241,20 @@ def main(argv):
   signal.signal(signal.SIGINT, signal.default_int_handler)
   signal.signal(signal.SIGTERM, _raise_terminated)
   _announce_interrupts()
-  _import_tensorflow(FLAGS.tf_logs)
   try:
+    _import_tensorflow(FLAGS.tf_logs)
     config = config_from_flags()
+    import tensorflow as tf
+    from input_pipeline import sources
+    from trainer import checkpoints, distribute, export, train
   except config_lib.ConfigError as e:
     _fail(str(e))
-  import tensorflow as tf
-  from input_pipeline import sources
-  from trainer import checkpoints, distribute, export, train
+  except KeyboardInterrupt as e:
+    reason, code = _stop_reason(e)
+    _fail(f"{reason} while starting up; nothing was written", code=code)
 
-  logging.info("config: %s", " ".join(f"{k}={v}" for k, v in vars(config).items()))
   try:
+    logging.info("config: %s", " ".join(f"{k}={v}" for k, v in vars(config).items()))
     distribute.configure_cpu_devices(config.cpu_devices)
     if config.mode == "export":
       result = export.export(config)
@@ -282,10 +290,9 @@ def main(argv):
     # Nothing is saved here: the interrupt may land between a step and its bookkeeping.
     # Checkpoints are written atomically, so the last one is intact.
     where = os.path.join(config.model_dir, checkpoints.CHECKPOINT_SUBDIR)
-    terminated = isinstance(e, _Terminated)
-    _fail(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}; checkpoints in "
-          f"{where} are intact: rerun the same command to resume from the last one",
-          code=143 if terminated else 130)
+    reason, code = _stop_reason(e)
+    _fail(f"{reason}; checkpoints in {where} are intact: rerun the same command to resume "
+          "from the last one", code=code)
   except (tf.errors.UnavailableError, tf.errors.AbortedError,
           tf.errors.DeadlineExceededError) as e:
     if config.strategy != "multi_worker":
