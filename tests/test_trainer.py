@@ -171,6 +171,9 @@ def test_a_signal_while_importing_tensorflow_exits_with_a_message(
 
   monkeypatch.setattr(main_lib, "_import_tensorflow", importing)
   monkeypatch.setattr(main_lib, "_announce_interrupts", lambda: None)
+  announced = main_lib.threading.Event()
+  announced.set()  # No notice thread here to wait for.
+  monkeypatch.setattr(main_lib, "_announced", announced)
   handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["trainer.main", "--data_source=synthetic"])

@@ -167,9 +167,20 @@ def _raise_terminated(signum, frame) -> None:
   raise _Terminated()
 
 
-def _stop_reason(e: KeyboardInterrupt) -> tuple[str, int]:
-  """What stopped the run, for the error line, and the shell's exit status for it."""
-  return ("terminated (SIGTERM)", 143) if isinstance(e, _Terminated) else ("interrupted", 130)
+# Set once the notice thread has announced a signal, so the error line can wait for it.
+_announced = threading.Event()
+
+
+def _stop(e: KeyboardInterrupt, message: str) -> None:
+  """Ends the run after Ctrl-C or SIGTERM; exit status 130 or 143 as a shell reports them.
+
+  A short step can return before the notice thread runs: wait for it (briefly), so the
+  notice never comes after the error line.
+  """
+  _announced.wait(timeout=1.0)
+  reason, code = (("terminated (SIGTERM)", 143) if isinstance(e, _Terminated)
+                  else ("interrupted", 130))
+  _fail(f"{reason}{message}", code=code)
 
 
 def _announce_interrupts() -> None:
@@ -189,6 +200,7 @@ def _announce_interrupts() -> None:
         if signum in names:
           print(f"{names[signum]} received: stopping when the current TensorFlow call "
                 "returns", file=sys.stderr, flush=True)
+          _announced.set()
 
   threading.Thread(target=notice, name="interrupt-notice", daemon=True).start()
 
@@ -250,8 +262,7 @@ def main(argv):
   except config_lib.ConfigError as e:
     _fail(str(e))
   except KeyboardInterrupt as e:
-    reason, code = _stop_reason(e)
-    _fail(f"{reason} while starting up; nothing was written", code=code)
+    _stop(e, " while starting up; nothing was written")
 
   try:
     logging.info("config: %s", " ".join(f"{k}={v}" for k, v in vars(config).items()))
@@ -290,9 +301,8 @@ def main(argv):
     # Nothing is saved here: the interrupt may land between a step and its bookkeeping.
     # Checkpoints are written atomically, so the last one is intact.
     where = os.path.join(config.model_dir, checkpoints.CHECKPOINT_SUBDIR)
-    reason, code = _stop_reason(e)
-    _fail(f"{reason}; checkpoints in {where} are intact: rerun the same command to resume "
-          "from the last one", code=code)
+    _stop(e, f"; checkpoints in {where} are intact: rerun the same command to resume from "
+          "the last one")
   except (tf.errors.UnavailableError, tf.errors.AbortedError,
           tf.errors.DeadlineExceededError) as e:
     if config.strategy != "multi_worker":
