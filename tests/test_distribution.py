@@ -545,20 +545,30 @@ def test_launcher_stops_the_other_workers_when_one_fails(error_runs):
   assert not model_dir.exists()
 
 
-def test_a_peer_lost_mid_run_ends_the_chief_with_a_clear_message(tmp_path):
-  """SIGKILL worker 1 once both train: the chief's next collective fails, and it says so."""
+def two_long_workers(tmp_path: pathlib.Path) -> list[Run]:
+  """Two workers of one cluster on synthetic data, with far more steps than a test waits for."""
   ports = free_ports(2)
   args = ["--strategy=multi_worker", "--depth=8", "--data_source=synthetic",
           f"--model_dir={tmp_path / 'run'}", "--epochs=1", "--steps_per_epoch=100000",
           "--global_batch_size=8", "--log_every_steps=20", "--peer_timeout_seconds=120"]
-  runs = [Run(args, tmp_path / "logs", f"worker{index}", {"TF_CONFIG": tf_config(ports, index)})
+  return [Run(args, tmp_path / "logs", f"worker{index}", {"TF_CONFIG": tf_config(ports, index)})
           for index in range(2)]
+
+
+def wait_until_training(runs: list[Run]) -> None:
+  """Returns once worker 1 has logged step 40 (so both train); fails if either ends first."""
+  deadline = time.time() + RUN_TIMEOUT
+  while not re.search(r"step 40/", runs[1].stderr):
+    assert time.time() < deadline and not runs[0].poll() and not runs[1].poll(), (
+        runs[0].stderr[-3000:] + runs[1].stderr[-3000:])
+    time.sleep(0.5)
+
+
+def test_a_peer_lost_mid_run_ends_the_chief_with_a_clear_message(tmp_path):
+  """SIGKILL worker 1 once both train: the chief's next collective fails, and it says so."""
+  runs = two_long_workers(tmp_path)
   try:
-    deadline = time.time() + RUN_TIMEOUT
-    while not re.search(r"step 40/", runs[1].stderr):
-      assert time.time() < deadline and not runs[0].poll() and not runs[1].poll(), (
-          runs[0].stderr[-3000:] + runs[1].stderr[-3000:])
-      time.sleep(0.5)
+    wait_until_training(runs)
     runs[1].kill()
     killed = time.time()
     # TensorFlow's own health check notices a silent peer within about 40 s.
@@ -576,18 +586,9 @@ def test_a_peer_lost_mid_run_ends_the_chief_with_a_clear_message(tmp_path):
 
 def test_sigterm_stops_a_worker_even_though_tensorflow_installs_its_own_handler(tmp_path):
   """The coordination service's preemption notifier would swallow SIGTERM; main takes it back."""
-  ports = free_ports(2)
-  args = ["--strategy=multi_worker", "--depth=8", "--data_source=synthetic",
-          f"--model_dir={tmp_path / 'run'}", "--epochs=1", "--steps_per_epoch=100000",
-          "--global_batch_size=8", "--log_every_steps=20", "--peer_timeout_seconds=120"]
-  runs = [Run(args, tmp_path / "logs", f"worker{index}", {"TF_CONFIG": tf_config(ports, index)})
-          for index in range(2)]
+  runs = two_long_workers(tmp_path)
   try:
-    deadline = time.time() + RUN_TIMEOUT
-    while not re.search(r"step 40/", runs[1].stderr):
-      assert time.time() < deadline and not runs[0].poll() and not runs[1].poll(), (
-          runs[0].stderr[-3000:] + runs[1].stderr[-3000:])
-      time.sleep(0.5)
+    wait_until_training(runs)
     runs[1].process.send_signal(signal.SIGTERM)
     finish(runs, ERROR_TIMEOUT)
     assert runs[1].returncode == 143, runs[1].stderr[-3000:]
