@@ -29,7 +29,7 @@ TF_NUM_INTRAOP_THREADS = cores / N unless set): no faster, and N times the memor
 2-core development machine two small runs took 113 s with --parallel=2, 81 s one after
 the other). It pays off with --gpus, where each process gets its own GPU.
 
-Ctrl-C stops the running trainers (their checkpoints stay) and still writes the outputs
+Ctrl-C stops the running trainers (each saves a checkpoint first) and still writes the outputs
 from the epochs done; the same command resumes. Exit status: 0, 1 if a run failed, 130 if
 interrupted, 2 for bad flags.
 """
@@ -329,8 +329,9 @@ def run_jobs(jobs: list[Job], extra_args: list[str], parallel: int,
         failures.append(f"{run.job.label}: exit code {code} ({last.strip()}); see "
                         f"{run.log.name}")
   except KeyboardInterrupt:
-    # The runs keep their checkpoints: the same command resumes them. SIGINT, so that each
-    # says "interrupted" as after a Ctrl-C. (A Ctrl-C in the terminal has reached them
+    # Each run saves a checkpoint and stops (the same command resumes it; one killed after
+    # the 30 s below keeps its previous checkpoint). SIGINT, so that each says
+    # "interrupted" as after a Ctrl-C. (A Ctrl-C in the terminal has reached them
     # already; a signal sent to this process alone has not.)
     for run in running:
       if run.process.poll() is None:

@@ -4,6 +4,7 @@ and flag validation."""
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -189,16 +190,17 @@ def test_a_signal_while_importing_tensorflow_exits_with_a_message(
 
 
 @pytest.mark.parametrize("signum, code, notice, error", [
-    (signal.SIGINT, 130, "interrupt received: stopping", "error: interrupted; checkpoints in"),
-    (signal.SIGTERM, 143, "SIGTERM received: stopping",
-     "error: terminated (SIGTERM); checkpoints in"),
+    (signal.SIGINT, 130, "interrupt received: stopping", "error: interrupted; saved "),
+    (signal.SIGTERM, 143, "SIGTERM received: stopping", "error: terminated (SIGTERM); saved "),
 ], ids=["ctrl_c", "sigterm"])
-def test_ctrl_c_or_sigterm_stops_with_a_message_and_the_run_resumes(
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_stops_and_the_run_resumes_there(
     tmp_path, signum, code, notice, error):
   model_dir = tmp_path / "run"
+  # No epoch end and no periodic checkpoint before step 200: the signal's save is the
+  # only checkpoint there can be.
   common = ["--depth=8", "--data_source=synthetic", f"--model_dir={model_dir}",
-            "--global_batch_size=8", "--log_every_steps=1", "--checkpoint_every_steps=2",
-            "--eval_steps=1", "--steps_per_epoch=12"]
+            "--global_batch_size=8", "--log_every_steps=1", "--checkpoint_every_steps=1000",
+            "--eval_steps=1", "--steps_per_epoch=200"]
   args = ["-m", "trainer.main", *common, "--epochs=10000"]
   stderr_path = tmp_path / "stderr"
   with open(stderr_path, "w") as stderr:
@@ -218,8 +220,25 @@ def test_ctrl_c_or_sigterm_stops_with_a_message_and_the_run_resumes(
   assert error in output
   # Announced as soon as the signal arrives, before the step returns and the run stops.
   assert output.index(notice) < output.index(error)
+  assert "after saving a checkpoint" in output
   assert "Traceback" not in output
-  # The rerun resumes from the last checkpoint (saved every 2 steps).
+  saved = re.search(r"saved (\S+ckpt-(\d+)) \(step (\d+)\): rerun", output)
+  assert saved, output[-3000:]
+  checkpoint, step = saved.group(1), int(saved.group(3))
+  assert int(saved.group(2)) == step and 5 <= step < 200
+  # The rerun resumes from that checkpoint, at the step where the signal stopped the run.
   resumed = run_main(*common, "--epochs=1")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "resumed from" in resumed.stderr
+  assert f"resumed from {checkpoint} at step {step} " in resumed.stderr
+
+
+def test_a_stop_request_is_taken_only_while_the_loop_listens_and_keeps_the_first_signal():
+  request = train.StopRequest()
+  # Before the loop starts (and after it ends) the handler must raise instead.
+  assert not request.request(signal.SIGINT)
+  assert request.signum is None
+  request.listening = True
+  assert request.request(signal.SIGTERM)
+  # A terminal's Ctrl-C and a launcher's forwarded SIGINT arrive together: one stop.
+  assert request.request(signal.SIGINT)
+  assert request.signum == signal.SIGTERM

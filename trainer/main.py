@@ -162,25 +162,40 @@ class _Terminated(KeyboardInterrupt):
   """SIGTERM (what Slurm, Kubernetes and `kill` send) stops the run like Ctrl-C does."""
 
 
-def _raise_terminated(signum, frame) -> None:
-  del signum, frame
-  raise _Terminated()
+# How each signal ends the run: the words for the error line and the exit status (128 +
+# the signal number, as a shell reports a process the signal killed).
+_STOPS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated (SIGTERM)", 143)}
+
+# Set once the training loop can save before stopping (single-worker training runs only).
+_stop_request = None
+
+
+def _on_signal(signum, frame) -> None:
+  """Ctrl-C or SIGTERM: the training loop saves and stops, or else stop here and now."""
+  del frame
+  if _stop_request is not None and _stop_request.request(signum):
+    return
+  raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 # Set once the notice thread has announced a signal, so the error line can wait for it.
 _announced = threading.Event()
 
 
-def _stop(e: KeyboardInterrupt, message: str) -> None:
+def _stop(signum: int, message: str) -> None:
   """Ends the run after Ctrl-C or SIGTERM; exit status 130 or 143 as a shell reports them.
 
   A short step can return before the notice thread runs: wait for it (briefly), so the
   notice never comes after the error line.
   """
   _announced.wait(timeout=1.0)
-  reason, code = (("terminated (SIGTERM)", 143) if isinstance(e, _Terminated)
-                  else ("interrupted", 130))
+  reason, code = _STOPS[signum]
   _fail(f"{reason}{message}", code=code)
+
+
+def _signal_of(e: KeyboardInterrupt) -> int:
+  """The signal that raised `e` (see _on_signal)."""
+  return signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
 
 
 def _announce_interrupts() -> None:
@@ -198,8 +213,10 @@ def _announce_interrupts() -> None:
     while True:
       for signum in os.read(read_fd, 64):
         if signum in names:
+          saving = _stop_request is not None and _stop_request.listening
           print(f"{names[signum]} received: stopping when the current TensorFlow call "
-                "returns", file=sys.stderr, flush=True)
+                f"returns{', after saving a checkpoint' if saving else ''}",
+                file=sys.stderr, flush=True)
           _announced.set()
 
   threading.Thread(target=notice, name="interrupt-notice", daemon=True).start()
@@ -245,13 +262,14 @@ def _import_tensorflow(show_logs: bool) -> None:
 
 
 def main(argv):
+  global _stop_request
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   # A shell without job control starts background commands with SIGINT ignored, and Python
   # then never raises KeyboardInterrupt; the launch and study scripts stop trainers with
   # SIGINT, so it must always mean "stop".
-  signal.signal(signal.SIGINT, signal.default_int_handler)
-  signal.signal(signal.SIGTERM, _raise_terminated)
+  signal.signal(signal.SIGINT, _on_signal)
+  signal.signal(signal.SIGTERM, _on_signal)
   _announce_interrupts()
   try:
     _import_tensorflow(FLAGS.tf_logs)
@@ -262,7 +280,7 @@ def main(argv):
   except config_lib.ConfigError as e:
     _fail(str(e))
   except KeyboardInterrupt as e:
-    _stop(e, " while starting up; nothing was written")
+    _stop(_signal_of(e), " while starting up; nothing was written")
 
   try:
     logging.info("config: %s", " ".join(f"{k}={v}" for k, v in vars(config).items()))
@@ -278,7 +296,7 @@ def main(argv):
     # MultiWorkerMirroredStrategy's coordination service puts in TensorFlow's own SIGTERM
     # handler (a preemption notifier this trainer does not use), which swallows the signal
     # and lets training run on until the scheduler's SIGKILL; take it back.
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGTERM, _on_signal)
     if config.mode == "eval":
       metrics = train.evaluate_checkpoint(config, strategy)
       # --eval_flip and an EMA add test_flip_accuracy, test_ema_accuracy, ...
@@ -291,18 +309,28 @@ def main(argv):
             f"{extras} on {metrics['examples']} images; written to "
             f"{os.path.join(config.model_dir, train.EVAL_FILE)}")
       return
-    metrics = train.train_and_evaluate(config, strategy)
+    # A worker of a multi-worker run cannot save alone (saving is collective): there a
+    # signal stops the worker at once, and its peers then stop as for a lost peer.
+    if config.strategy != "multi_worker":
+      _stop_request = train.StopRequest()
+    metrics = train.train_and_evaluate(config, strategy, _stop_request)
   except (config_lib.ConfigError, sources.DataError, distribute.DistributionError,
           checkpoints.CheckpointError) as e:
     _fail(str(e))
   except train.TrainingError as e:
     _fail(str(e), code=1)
+  except train.Stopped as e:
+    if e.checkpoint is None:
+      _stop(e.signum, " before the first step; no checkpoint was written")
+    _stop(e.signum, f"; saved {e.checkpoint} (step {e.step}): rerun the same command to "
+          "resume from it")
   except KeyboardInterrupt as e:
-    # Nothing is saved here: the interrupt may land between a step and its bookkeeping.
-    # Checkpoints are written atomically, so the last one is intact.
+    # Raised where no training loop listens (set-up, --mode=eval, multi-worker, the last
+    # writes), wherever it landed, so nothing is saved here; checkpoints are written
+    # atomically, so the last one is intact.
     where = os.path.join(config.model_dir, checkpoints.CHECKPOINT_SUBDIR)
-    _stop(e, f"; checkpoints in {where} are intact: rerun the same command to resume from "
-          "the last one")
+    _stop(_signal_of(e), f"; checkpoints in {where} are intact: rerun the same command to "
+          "resume from the last one")
   except (tf.errors.UnavailableError, tf.errors.AbortedError,
           tf.errors.DeadlineExceededError) as e:
     if config.strategy != "multi_worker":

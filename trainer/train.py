@@ -24,6 +24,42 @@ class TrainingError(Exception):
   """Training cannot go on (e.g. the loss diverged); the last good checkpoint is kept."""
 
 
+class StopRequest:
+  """A Ctrl-C or SIGTERM that the training loop answers by saving a checkpoint, then stopping.
+
+  A signal handler calls `request`. The loop listens only between its first and last step:
+  before that (loading, building) there is nothing new to save, so the handler should raise
+  at once instead, as it should for runs that cannot save alone (multi-worker).
+  """
+
+  def __init__(self):
+    self.listening = False
+    self.signum: int | None = None
+
+  def request(self, signum: int) -> bool:
+    """Asks the loop to save and stop; False when no loop listens (raise instead).
+
+    Args:
+      signum: the signal that asked (the first one is kept; repeats are absorbed, since a
+        terminal's Ctrl-C and a launcher's forwarded SIGINT often arrive together).
+    Returns:
+      whether the loop will stop at its next step boundary.
+    """
+    if not self.listening:
+      return False
+    if self.signum is None:
+      self.signum = signum
+    return True
+
+
+class Stopped(Exception):
+  """The loop stopped on a StopRequest, after saving a checkpoint at `step`."""
+
+  def __init__(self, signum: int, step: int, checkpoint: str | None):
+    super().__init__(f"stopped by signal {signum} at step {step}")
+    self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   """The run's length and learning-rate milestones in steps; converted here, once."""
@@ -319,12 +355,15 @@ def _load_data(config: Config) -> tuple[sources.Split, sources.Split, sources.Sp
   return train, test, test
 
 
-def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict:
+def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
+                       stop_request: StopRequest | None = None) -> dict:
   """Trains and evaluates the configured ResNet under `strategy`, resuming if possible.
 
   Args:
     config: the run's settings.
     strategy: where to run; the model and optimizer are built in its scope.
+    stop_request: when given, the training loop listens to it: once requested, it saves a
+      checkpoint at the next step boundary and raises Stopped.
   Returns:
     the final metrics (also written to <model_dir>/metrics.json).
   Raises:
@@ -332,18 +371,19 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy) -> dict
       anything is written to the model dir.
     checkpoints.CheckpointError: when checkpoints exist but none can be restored.
     TrainingError: when the loss becomes NaN or Inf.
+    Stopped: after a stop_request, once the checkpoint is saved.
   """
   if distribute.is_chief(strategy):
-    return _train_and_evaluate(config, strategy, config.model_dir, chief=True)
+    return _train_and_evaluate(config, strategy, config.model_dir, True, stop_request)
   # Workers other than the chief write to a scratch dir of their own, removed however the
   # run ends: a failed worker's checkpoints would otherwise pile up in the temp dir.
   with tempfile.TemporaryDirectory(prefix="resnet-cifar-worker-",
                                    ignore_cleanup_errors=True) as scratch:
-    return _train_and_evaluate(config, strategy, scratch, chief=False)
+    return _train_and_evaluate(config, strategy, scratch, False, stop_request)
 
 
 def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, out_dir: str,
-                        chief: bool) -> dict:
+                        chief: bool, stop_request: StopRequest | None) -> dict:
   """train_and_evaluate's body, writing to `out_dir` (the model dir on the chief)."""
   wall_start = time.time()
   _set_op_determinism(config.deterministic)
@@ -500,12 +540,26 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, out_di
           f"saving. The last good checkpoint is {last}. Lower --learning_rate or raise "
           "--warmup_epochs, then rerun (it resumes from that checkpoint).")
 
+  saved_step = start_step
+
   def save(step: int):
+    nonlocal saved_step
     check_finite(step)
     sync_replicas()
     state.step.assign(step)
     state.wall_seconds.assign(previous_wall + time.time() - wall_start)
     manager.save(checkpoint_number=step)
+    saved_step = step
+
+  def stop_if_requested(step: int):
+    # Called only where `step` and the model agree (between calls into TensorFlow, after
+    # their bookkeeping), so the checkpoint resumes exactly there.
+    if stop_request is None or stop_request.signum is None:
+      return
+    if step != saved_step:
+      logging.info("saving a checkpoint at step %d before stopping", step)
+      save(step)
+    raise Stopped(stop_request.signum, step, manager.latest_checkpoint)
 
   # Epochs after the restored checkpoint were lost with the crash: forget them.
   history = [h for h in checkpoints.read_history(out_dir) if h["step"] <= start_step]
@@ -518,7 +572,10 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, out_di
   epoch_sums = [0.0, 0.0, 0.0]  # loss sum, correct, count since the epoch began
   logging.info("training %s for %.2f epochs (%d steps) from step %d", model.name,
                total / schedule.steps_per_epoch, total, start_step)
+  if stop_request is not None:
+    stop_request.listening = True
   while step < total:
+    stop_if_requested(step)
     # An epoch ends every steps_per_epoch steps, and at the last step (he2016 schedules
     # need not end on an epoch boundary).
     epoch_end = min((step // schedule.steps_per_epoch + 1) * schedule.steps_per_epoch, total)
@@ -601,6 +658,10 @@ def _train_and_evaluate(config: Config, strategy: tf.distribute.Strategy, out_di
       interval_start = time.time()
     elif step % config.checkpoint_every_steps == 0:
       save(step)
+  stop_if_requested(step)
+  if stop_request is not None:
+    # From here on a signal raises at once: what is left is writing metrics.json.
+    stop_request.listening = False
   check_finite(step)
   if eval_name == "test" and history and history[-1]["step"] == step:
     final = {k[len("test_"):]: v for k, v in history[-1].items() if k.startswith("test_")}
