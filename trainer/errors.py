@@ -1,0 +1,24 @@
+"""The trainer's user-facing errors: trainer/main.py turns any UserError into `error: ...`
+on stderr and exit code 2; everything else is a bug or a training failure."""
+
+
+class UserError(Exception):
+  """Something the user can fix (a setting, the data, the run directory, the cluster);
+  the message says what is wrong and what to do."""
+
+
+class ConfigError(UserError, ValueError):
+  """A setting is invalid; the message names it and says what is allowed."""
+
+
+class DataError(UserError):
+  """The data cannot be loaded or does not fit the run; the message names the path."""
+
+
+class RunDirError(UserError):
+  """The run directory cannot be used as asked (not writable, no space, incompatible or
+  unreadable checkpoints, in use by another trainer)."""
+
+
+class DistributionError(UserError):
+  """The strategy or cluster cannot be set up (bad TF_CONFIG, unreachable peers, ...)."""
