@@ -2,6 +2,10 @@
 
 import dataclasses
 import json
+import math
+
+from trainer import architecture as architecture_lib
+from trainer.errors import ConfigError
 
 DATA_SOURCES = ("tfds", "folder", "synthetic")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
@@ -13,10 +17,6 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 JIT_COMPILE = ("auto", "true", "false")
 # --learning_rate is defined for this global batch and scaled linearly (Goyal et al. 2017).
 REFERENCE_BATCH_SIZE = 128
-
-
-class ConfigError(ValueError):
-  """A setting is invalid; the message names it and says what is allowed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,8 @@ class Config:
   seed: int = 0
 
   def __post_init__(self):
+    # First: nan passes every `< 0` and range check below, and inf passes most of them.
+    _check_finite_floats(self)
     _one_of("mode", self.mode, MODES)
     _one_of("recipe", self.recipe, RECIPE_NAMES)
     _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
@@ -125,13 +127,11 @@ class Config:
     if not self.model_dir:
       raise ConfigError("--model_dir must not be empty")
 
-  def architecture(self) -> "resnet.Architecture":  # noqa: F821
+  def architecture(self) -> architecture_lib.Architecture:
     """The model's architecture (raises ValueError when the settings are inconsistent)."""
-    # Imported here so that importing the config (e.g. for --help) does not load Keras.
-    from trainer import resnet
-    return resnet.architecture(self.depth, plain=self.plain, stem=self.stem,
-                               shortcut=self.shortcut, stage_sizes=self.stage_sizes,
-                               stage_widths=self.stage_widths)
+    return architecture_lib.architecture(
+        self.depth, plain=self.plain, stem=self.stem, shortcut=self.shortcut,
+        stage_sizes=self.stage_sizes, stage_widths=self.stage_widths)
 
   @property
   def scaled_learning_rate(self) -> float:
@@ -140,6 +140,16 @@ class Config:
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def _check_finite_floats(config: Config) -> None:
+  # Every float field, found from the annotations, so a new float flag is covered too.
+  for field in dataclasses.fields(config):
+    if field.type not in (float, float | None):
+      continue
+    value = getattr(config, field.name)
+    if value is not None and not math.isfinite(value):
+      raise ConfigError(f"--{field.name} must be a finite number, got {value}")
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

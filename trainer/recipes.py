@@ -24,8 +24,7 @@ RECIPES = {
     "he2016": dict(epochs=None, learning_rate=0.1, lr_schedule="he2016", warmup_epochs=0.0,
                    momentum=0.9, nesterov=False, weight_decay=1e-4, label_smoothing=0.0,
                    bn_momentum=0.9, clipnorm=None),
-    # The origin blog post (../shared/docs/origin-blog-model.md): plain SGD at 0.01 with
-    # clipnorm 1.0 for 20 epochs, Keras defaults otherwise.
+    # The origin blog post: Keras SGD at lr 0.01, clipnorm 1.0, 20 epochs, Keras defaults otherwise.
     "blog": dict(epochs=20, learning_rate=0.01, lr_schedule="constant", warmup_epochs=0.0,
                  momentum=0.0, nesterov=False, weight_decay=0.0, label_smoothing=0.0,
                  bn_momentum=0.99, clipnorm=1.0),
