@@ -234,30 +234,36 @@ def train_pipeline(dataset: tf.data.Dataset, *, per_replica_batch_size: int, see
 
 
 def eval_pipeline(dataset: tf.data.Dataset, *, per_replica_batch_size: int,
-                  num_examples: int,
+                  num_examples: int, global_steps: int,
                   input_context: tf.distribute.InputContext | None = None
                   ) -> tf.data.Dataset:
   """Evaluation batches covering every example once, padded to full static batches.
 
   Padding examples are zeros with weight 0, so metrics are exact; every pipeline yields
-  the same number of batches, eval_steps(num_examples, global batch size) for each
-  replica it feeds (synchronous multi-replica evaluation needs that).
+  the same number of batches, global_steps for each replica it feeds (synchronous
+  multi-replica evaluation needs that).
 
   Args:
     dataset: (uint8 image, int label) examples, in a fixed order.
     per_replica_batch_size: examples in each batch this pipeline yields.
     num_examples: examples in `dataset`.
+    global_steps: the caller's steps over all replicas that cover `dataset` once (the
+      last one padded): ceil(num_examples / global batch size).
     input_context: this pipeline's place among all pipelines.
   Returns:
     a dataset of (uint8 images, int32 labels, float32 weights) batches.
   Raises:
-    ValueError: when num_examples is not positive.
+    ValueError: when num_examples is not positive, or global_steps do not cover it.
   """
   if num_examples < 1:
     raise ValueError(f"eval_pipeline needs at least one example, got {num_examples}")
   pipeline_id, pipelines, replicas_fed = _pipeline_position(input_context)
   batch_size = per_replica_batch_size
-  steps = eval_steps(num_examples, batch_size * pipelines * replicas_fed) * replicas_fed
+  global_batch_size = batch_size * pipelines * replicas_fed
+  if global_steps * global_batch_size < num_examples:
+    raise ValueError(f"global_steps={global_steps} of {global_batch_size} examples do not "
+                     f"cover num_examples={num_examples}")
+  steps = global_steps * replicas_fed
   shard_size = _shard_size(num_examples, pipeline_id, pipelines)
   padding = steps * batch_size - shard_size
 
@@ -278,7 +284,3 @@ def eval_pipeline(dataset: tf.data.Dataset, *, per_replica_batch_size: int,
       lambda images, labels: to_batches(images, tf.cast(labels, tf.int32)))
   return dataset.unbatch().prefetch(tf.data.AUTOTUNE).with_options(_options(True))
 
-
-def eval_steps(num_examples: int, global_batch_size: int) -> int:
-  """Global steps needed to see every example once (the last one padded)."""
-  return -(-num_examples // global_batch_size)

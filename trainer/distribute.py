@@ -13,15 +13,13 @@ import time
 from absl import logging
 import tensorflow as tf
 
+from trainer.errors import DistributionError
+
 # Task types of TF_CONFIG that train; MultiWorkerMirroredStrategy has no parameter servers
 # and this trainer runs no side-car evaluator.
 _TRAINING_TASK_TYPES = ("chief", "worker")
 _TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
                       '"task": {"type": "worker", "index": 0}}')
-
-
-class DistributionError(Exception):
-  """The requested strategy cannot run here; the message says why and what to do."""
 
 
 def configure_cpu_devices(num_devices: int) -> None:

@@ -22,3 +22,12 @@ class RunDirError(UserError):
 
 class DistributionError(UserError):
   """The strategy or cluster cannot be set up (bad TF_CONFIG, unreachable peers, ...)."""
+
+
+class CheckpointError(RunDirError):
+  """No usable checkpoint where one is needed; the message says what to do."""
+
+
+class TrainingError(Exception):
+  """Training cannot go on (e.g. the loss diverged); the last good checkpoint is kept.
+  Not a UserError: trainer/main.py exits with code 1."""

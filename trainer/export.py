@@ -1,6 +1,7 @@
 """--mode=export: a SavedModel and a .keras file of the best (or a chosen) checkpoint, each
 checked by loading it back and comparing logits."""
 
+import dataclasses
 import json
 import os
 
@@ -9,9 +10,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import checkpoints, resnet
+from trainer import run_dir, run_files, state
 from trainer.config import Config
-from input_pipeline import pipeline
 
 SAVED_MODEL_SUBDIR = "saved_model"
 KERAS_FILE = "model.keras"
@@ -19,7 +19,7 @@ KERAS_FILE = "model.keras"
 
 def _num_classes(model_dir: str) -> int:
   # The run's config.json records the class names the classifier was built for.
-  path = os.path.join(model_dir, checkpoints.CONFIG_FILE)
+  path = os.path.join(model_dir, run_files.CONFIG_FILE)
   if os.path.exists(path):
     with open(path) as f:
       return len(json.load(f).get("class_names", range(10)))
@@ -35,21 +35,17 @@ def export(config: Config) -> dict:
   Returns:
     paths of what was written and the checkpoint used.
   Raises:
-    checkpoints.CheckpointError: when there is no checkpoint to export.
+    errors.CheckpointError: when there is no checkpoint to export, or it does not fit.
   """
-  path = checkpoints.resolve_checkpoint(config.model_dir, config.checkpoint or "best")
+  path = run_dir.resolve_checkpoint(config.model_dir, config.checkpoint or "best")
   keras.mixed_precision.set_global_policy("float32")
-  model = resnet.build_model(config.architecture(), num_classes=_num_classes(config.model_dir),
-                             input_mean=pipeline.CIFAR10_MEAN, input_std=pipeline.CIFAR10_STD,
-                             bn_momentum=config.bn_momentum)
-  try:
-    tf.train.Checkpoint(model=checkpoints.variables_by_path(model.variables)).restore(
-        path).expect_partial().assert_existing_objects_matched()
-  except (tf.errors.OpError, AssertionError, ValueError) as e:
-    raise checkpoints.CheckpointError(
-        f"cannot restore {path} into {model.name} ({type(e).__name__}); was it trained "
-        "with other --depth/--plain/--stem/--shortcut/--stage_* settings?") from None
-  export_dir = config.export_dir or os.path.join(config.model_dir, "export")
+  # Stock batch norm in the export: synchronising replicas means nothing when serving.
+  model = state.build_model(dataclasses.replace(config, sync_batch_norm=False),
+                            _num_classes(config.model_dir))
+  run_dir.restore_for_inference(
+      tf.train.Checkpoint(model=state.variables_by_path(model.variables)), path, model.name,
+      settings="--depth/--plain/--stem/--shortcut/--stage_*")
+  export_dir = config.export_dir or os.path.join(config.model_dir, run_files.EXPORT_SUBDIR)
   os.makedirs(export_dir, exist_ok=True)
   saved_model_dir = os.path.join(export_dir, SAVED_MODEL_SUBDIR)
   keras_file = os.path.join(export_dir, KERAS_FILE)

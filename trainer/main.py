@@ -1,13 +1,11 @@
 """Command-line entrypoint: `python -m trainer.main --depth=50 --plain=false ...`.
 
-The only module that reads absl flags: it turns them into one validated Config, builds
-the strategy and hands both to trainer.train.
+The only module that reads absl flags: flags -> one validated Config -> strategy ->
+train, eval or export -> exit code.
 """
 
 import os
-import signal
 import sys
-import threading
 
 # Keep TensorFlow's C++ start-up noise out of the way unless the user asks for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -15,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 
 from trainer import config as config_lib  # noqa: E402
+from trainer import errors, run_files, stop  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -158,68 +157,15 @@ def _fail(message: str, code: int = 2) -> None:
   sys.exit(code)
 
 
-class _Terminated(KeyboardInterrupt):
-  """SIGTERM (what Slurm, Kubernetes and `kill` send) stops the run like Ctrl-C does."""
-
-
-# How each signal ends the run: the words for the error line and the exit status (128 +
-# the signal number, as a shell reports a process the signal killed).
-_STOPS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated (SIGTERM)", 143)}
-
-# Set once the training loop can save before stopping (single-worker training runs only).
-_stop_request = None
-
-
-def _on_signal(signum, frame) -> None:
-  """Ctrl-C or SIGTERM: the training loop saves and stops, or else stop here and now."""
-  del frame
-  if _stop_request is not None and _stop_request.request(signum):
-    return
-  raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-
-# Set once the notice thread has announced a signal, so the error line can wait for it.
-_announced = threading.Event()
-
-
-def _stop(signum: int, message: str) -> None:
+def _stop(handler: stop.SignalHandler, signum: int, message: str) -> None:
   """Ends the run after Ctrl-C or SIGTERM; exit status 130 or 143 as a shell reports them.
 
   A short step can return before the notice thread runs: wait for it (briefly), so the
   notice never comes after the error line.
   """
-  _announced.wait(timeout=1.0)
-  reason, code = _STOPS[signum]
+  handler.announced.wait(timeout=1.0)
+  reason, code = stop.STOPS[signum]
   _fail(f"{reason}{message}", code=code)
-
-
-def _signal_of(e: KeyboardInterrupt) -> int:
-  """The signal that raised `e` (see _on_signal)."""
-  return signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
-
-
-def _announce_interrupts() -> None:
-  """Says "stopping" the moment Ctrl-C or SIGTERM arrives, not when the step returns.
-
-  Python runs its signal handlers only once TensorFlow hands control back (a CPU step can
-  take seconds), but the C-level handler writes to the wake-up fd at once.
-  """
-  read_fd, write_fd = os.pipe()
-  os.set_blocking(write_fd, False)
-  signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-  names = {signal.SIGINT: "interrupt", signal.SIGTERM: "SIGTERM"}
-
-  def notice() -> None:
-    while True:
-      for signum in os.read(read_fd, 64):
-        if signum in names:
-          saving = _stop_request is not None and _stop_request.listening
-          print(f"{names[signum]} received: stopping when the current TensorFlow call "
-                f"returns{', after saving a checkpoint' if saving else ''}",
-                file=sys.stderr, flush=True)
-          _announced.set()
-
-  threading.Thread(target=notice, name="interrupt-notice", daemon=True).start()
 
 
 def _root_cause(message: str) -> str:
@@ -261,76 +207,91 @@ def _import_tensorflow(show_logs: bool) -> None:
       lambda record: not record.pathname.endswith("functional_saver.py"))
 
 
+def _export(config: config_lib.Config) -> str:
+  from trainer import export
+  result = export.export(config)
+  return f"exported {result['checkpoint']} to {result['saved_model']} and {result['keras']}"
+
+
+def _evaluate(config: config_lib.Config, strategy) -> str:
+  from trainer import evaluation
+  result = evaluation.evaluate_checkpoint(config, strategy)
+  # --eval_flip and an EMA add test_flip_accuracy, test_ema_accuracy, ...
+  extras = "".join(f", {key[len('test_'):].replace('_', ' ')} {value:.4f}"
+                   for key, value in result.items()
+                   if key.startswith("test_") and key.endswith("_accuracy")
+                   and key != "test_accuracy")
+  return (f"eval: {result['model']} {result['checkpoint']} (step {result['step']}): "
+          f"test accuracy {result['test_accuracy']:.4f}, loss {result['test_loss']:.4f}"
+          f"{extras} on {result['examples']} images; written to "
+          f"{os.path.join(config.model_dir, run_files.EVAL_FILE)}")
+
+
+def _train(config: config_lib.Config, strategy, handler: stop.SignalHandler) -> str:
+  from trainer import distribute, train
+  # A worker of a multi-worker run cannot save alone (saving is collective): there a
+  # signal stops the worker at once, and its peers then stop as for a lost peer.
+  stop_request = handler.listen() if config.strategy != "multi_worker" else None
+  metrics = train.train_and_evaluate(config, strategy, stop_request)
+  where = (f"metrics in {os.path.join(config.model_dir, run_files.METRICS_FILE)}"
+           if distribute.is_chief(strategy) else "the chief wrote the metrics")
+  return (f"done: {metrics['model']} test accuracy {metrics['test_accuracy']:.4f} after "
+          f"{metrics['epochs']} epochs ({metrics['steps']} steps) in "
+          f"{metrics['wall_seconds']:.0f} s, "
+          f"{metrics['images_per_second'] or float('nan'):.1f} training images/s; {where}")
+
+
+def _run(config: config_lib.Config, handler: stop.SignalHandler) -> str:
+  """Runs the mode; returns the line that reports its result."""
+  from trainer import distribute
+  logging.info("config: %s", " ".join(f"{k}={v}" for k, v in vars(config).items()))
+  distribute.configure_cpu_devices(config.cpu_devices)
+  if config.mode == "export":
+    return _export(config)
+  strategy = distribute.make_strategy(
+      config.strategy, num_gpus=config.num_gpus, tpu=config.tpu,
+      all_reduce=config.all_reduce, peer_timeout_seconds=config.peer_timeout_seconds)
+  # MultiWorkerMirroredStrategy's coordination service puts in TensorFlow's own SIGTERM
+  # handler (a preemption notifier this trainer does not use), which swallows the signal
+  # and lets training run on until the scheduler's SIGKILL; take it back.
+  handler.take_sigterm()
+  if config.mode == "eval":
+    return _evaluate(config, strategy)
+  return _train(config, strategy, handler)
+
+
 def main(argv):
-  global _stop_request
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  # A shell without job control starts background commands with SIGINT ignored, and Python
-  # then never raises KeyboardInterrupt; the launch and study scripts stop trainers with
-  # SIGINT, so it must always mean "stop".
-  signal.signal(signal.SIGINT, _on_signal)
-  signal.signal(signal.SIGTERM, _on_signal)
-  _announce_interrupts()
+  handler = stop.SignalHandler()
+  handler.install()
   try:
-    _import_tensorflow(FLAGS.tf_logs)
+    # The Config is pure Python: a bad setting is reported before TensorFlow loads.
     config = config_from_flags()
+    _import_tensorflow(FLAGS.tf_logs)
     import tensorflow as tf
-    from input_pipeline import sources
-    from trainer import checkpoints, distribute, export, train
-  except config_lib.ConfigError as e:
+  except errors.UserError as e:
     _fail(str(e))
   except KeyboardInterrupt as e:
-    _stop(_signal_of(e), " while starting up; nothing was written")
-
+    _stop(handler, stop.signal_of(e), " while starting up; nothing was written")
   try:
-    logging.info("config: %s", " ".join(f"{k}={v}" for k, v in vars(config).items()))
-    distribute.configure_cpu_devices(config.cpu_devices)
-    if config.mode == "export":
-      result = export.export(config)
-      print(f"exported {result['checkpoint']} to {result['saved_model']} and "
-            f"{result['keras']}")
-      return
-    strategy = distribute.make_strategy(
-        config.strategy, num_gpus=config.num_gpus, tpu=config.tpu,
-        all_reduce=config.all_reduce, peer_timeout_seconds=config.peer_timeout_seconds)
-    # MultiWorkerMirroredStrategy's coordination service puts in TensorFlow's own SIGTERM
-    # handler (a preemption notifier this trainer does not use), which swallows the signal
-    # and lets training run on until the scheduler's SIGKILL; take it back.
-    signal.signal(signal.SIGTERM, _on_signal)
-    if config.mode == "eval":
-      metrics = train.evaluate_checkpoint(config, strategy)
-      # --eval_flip and an EMA add test_flip_accuracy, test_ema_accuracy, ...
-      extras = "".join(f", {key[len('test_'):].replace('_', ' ')} {value:.4f}"
-                       for key, value in metrics.items()
-                       if key.startswith("test_") and key.endswith("_accuracy")
-                       and key != "test_accuracy")
-      print(f"eval: {metrics['model']} {metrics['checkpoint']} (step {metrics['step']}): "
-            f"test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}"
-            f"{extras} on {metrics['examples']} images; written to "
-            f"{os.path.join(config.model_dir, train.EVAL_FILE)}")
-      return
-    # A worker of a multi-worker run cannot save alone (saving is collective): there a
-    # signal stops the worker at once, and its peers then stop as for a lost peer.
-    if config.strategy != "multi_worker":
-      _stop_request = train.StopRequest()
-    metrics = train.train_and_evaluate(config, strategy, _stop_request)
-  except (config_lib.ConfigError, sources.DataError, distribute.DistributionError,
-          checkpoints.CheckpointError) as e:
+    print(_run(config, handler))
+  except errors.UserError as e:
     _fail(str(e))
-  except train.TrainingError as e:
+  except errors.TrainingError as e:
     _fail(str(e), code=1)
-  except train.Stopped as e:
+  except stop.Stopped as e:
     if e.checkpoint is None:
-      _stop(e.signum, " before the first step; no checkpoint was written")
-    _stop(e.signum, f"; saved {e.checkpoint} (step {e.step}): rerun the same command to "
-          "resume from it")
+      _stop(handler, e.signum, " before the first step; no checkpoint was written")
+    _stop(handler, e.signum, f"; saved {e.checkpoint} (step {e.step}): rerun the same "
+          "command to resume from it")
   except KeyboardInterrupt as e:
     # Raised where no training loop listens (set-up, --mode=eval, multi-worker, the last
     # writes), wherever it landed, so nothing is saved here; checkpoints are written
     # atomically, so the last one is intact.
-    where = os.path.join(config.model_dir, checkpoints.CHECKPOINT_SUBDIR)
-    _stop(_signal_of(e), f"; checkpoints in {where} are intact: rerun the same command to "
-          "resume from the last one")
+    where = os.path.join(config.model_dir, run_files.CHECKPOINT_SUBDIR)
+    _stop(handler, stop.signal_of(e), f"; checkpoints in {where} are intact: rerun the "
+          "same command to resume from the last one")
   except (tf.errors.UnavailableError, tf.errors.AbortedError,
           tf.errors.DeadlineExceededError) as e:
     if config.strategy != "multi_worker":
@@ -340,12 +301,6 @@ def main(argv):
     _fail(f"a peer worker was lost during training ({type(e).__name__}: "
           f"{_root_cause(e.message)}); restart every worker with the same flags and "
           "TF_CONFIG: the run resumes from the chief's last checkpoint", code=1)
-  where = (f"metrics in {os.path.join(config.model_dir, train.METRICS_FILE)}"
-           if distribute.is_chief(strategy) else "the chief wrote the metrics")
-  print(f"done: {metrics['model']} test accuracy {metrics['test_accuracy']:.4f} after "
-        f"{metrics['epochs']} epochs ({metrics['steps']} steps) in "
-        f"{metrics['wall_seconds']:.0f} s, {metrics['images_per_second'] or float('nan'):.1f} "
-        f"training images/s; {where}")
 
 
 if __name__ == "__main__":

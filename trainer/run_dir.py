@@ -1,5 +1,6 @@
-"""The run directory: config compatibility, free-space checks, checkpoint restore with
-fallback to an older checkpoint, and atomic JSON files."""
+"""The run directory (--model_dir): what may be written there (writable, compatible with the
+run's config.json, room for checkpoints), the checkpoints and their restore with fallback,
+and the run's JSON files, written atomically."""
 
 import dataclasses
 import json
@@ -10,35 +11,21 @@ import tempfile
 from absl import logging
 import tensorflow as tf
 
-from trainer.config import Config, ConfigError
+from trainer import run_files
+from trainer.config import Config
+from trainer.errors import CheckpointError, RunDirError
 
-CHECKPOINT_SUBDIR = "checkpoints"
-BEST_SUBDIR = "best"
-CONFIG_FILE = "config.json"
-HISTORY_FILE = "history.json"
-METRICS_FILE = "metrics.json"
 # Settings a checkpoint cannot survive: the architecture, and what maps steps to data.
 INCOMPATIBLE_FIELDS = ("depth", "plain", "stem", "shortcut", "stage_sizes", "stage_widths",
                        "global_batch_size", "steps_per_epoch", "data_source", "seed",
                        "deterministic")
 # What --overwrite removes: only what a run writes, never other files of the user's.
-RUN_OUTPUTS = (CHECKPOINT_SUBDIR, BEST_SUBDIR, "train", "validation", "export",
-               CONFIG_FILE, HISTORY_FILE, METRICS_FILE, "eval.json")
+RUN_OUTPUTS = (run_files.CHECKPOINT_SUBDIR, run_files.BEST_SUBDIR, run_files.TRAIN_EVENTS,
+               run_files.TEST_EVENTS, run_files.VALIDATION_EVENTS, run_files.EXPORT_SUBDIR,
+               run_files.CONFIG_FILE, run_files.HISTORY_FILE, run_files.METRICS_FILE,
+               run_files.EVAL_FILE)
 # Room for event files and the JSON files beside the checkpoints.
 SPARE_BYTES = 64 << 20
-
-
-class CheckpointError(Exception):
-  """No usable checkpoint where one is needed; the message says what to do."""
-
-
-def variables_by_path(variables) -> dict:
-  """Keys variables by their path ("stage2_block1_conv1/kernel") for tf.train.Checkpoint.
-
-  Checkpointing a Keras model object would key its variables by layer index, so adding
-  any layer would break older checkpoints; layer names are stable.
-  """
-  return {v.path: v for v in variables}
 
 
 def write_json_atomically(path: str, payload: dict) -> None:
@@ -52,11 +39,40 @@ def write_json_atomically(path: str, payload: dict) -> None:
 
 def read_history(model_dir: str) -> list[dict]:
   """The per-epoch records of history.json ([] when there are none)."""
-  path = os.path.join(model_dir, HISTORY_FILE)
+  path = os.path.join(model_dir, run_files.HISTORY_FILE)
   if not os.path.exists(path):
     return []
   with open(path) as f:
     return json.load(f)["history"]
+
+
+def write_history(model_dir: str, history: list[dict]) -> None:
+  write_json_atomically(os.path.join(model_dir, run_files.HISTORY_FILE), {"history": history})
+
+
+def write_config(model_dir: str, settings: dict) -> None:
+  write_json_atomically(os.path.join(model_dir, run_files.CONFIG_FILE), settings)
+
+
+def write_metrics(model_dir: str, metrics: dict) -> None:
+  write_json_atomically(os.path.join(model_dir, run_files.METRICS_FILE), metrics)
+
+
+def write_eval(model_dir: str, result: dict) -> None:
+  write_json_atomically(os.path.join(model_dir, run_files.EVAL_FILE), result)
+
+
+def prepare(model_dir: str, config: Config) -> None:
+  """Makes model_dir ready for this run: writable, emptied with --overwrite, and holding
+  no run with incompatible settings.
+
+  Raises:
+    RunDirError: naming what is wrong and what to do.
+  """
+  check_writable(model_dir)
+  if config.overwrite:
+    clear_run(model_dir)
+  check_compatible(model_dir, config)
 
 
 def check_writable(model_dir: str) -> None:
@@ -66,7 +82,7 @@ def check_writable(model_dir: str) -> None:
     with tempfile.NamedTemporaryFile(dir=model_dir):
       pass
   except OSError as e:
-    raise ConfigError(f"--model_dir={model_dir} is not writable: {e.strerror or e}") from None
+    raise RunDirError(f"--model_dir={model_dir} is not writable: {e.strerror or e}") from None
 
 
 def check_free_space(model_dir: str, checkpoint_bytes: int, keep: int) -> None:
@@ -79,12 +95,12 @@ def check_free_space(model_dir: str, checkpoint_bytes: int, keep: int) -> None:
       and the best checkpoint is kept apart.
   """
   existing = sum(os.path.getsize(os.path.join(root, f))
-                 for sub in (CHECKPOINT_SUBDIR, BEST_SUBDIR)
+                 for sub in (run_files.CHECKPOINT_SUBDIR, run_files.BEST_SUBDIR)
                  for root, _, files in os.walk(os.path.join(model_dir, sub)) for f in files)
   needed = max(checkpoint_bytes * (keep + 2) - existing, checkpoint_bytes) + SPARE_BYTES
   free = shutil.disk_usage(model_dir).free
   if free < needed:
-    raise ConfigError(f"--model_dir={model_dir} has {free / 2**20:.0f} MiB free, but this "
+    raise RunDirError(f"--model_dir={model_dir} has {free / 2**20:.0f} MiB free, but this "
                       f"run needs about {needed / 2**20:.0f} MiB for its checkpoints "
                       f"({keep} kept + the best + one being written)")
 
@@ -93,9 +109,9 @@ def check_compatible(model_dir: str, config: Config) -> None:
   """Refuses to continue a run whose saved config.json differs in incompatible settings.
 
   Raises:
-    ConfigError: naming each differing setting and how to start afresh.
+    RunDirError: naming each differing setting and how to start afresh.
   """
-  path = os.path.join(model_dir, CONFIG_FILE)
+  path = os.path.join(model_dir, run_files.CONFIG_FILE)
   if not os.path.exists(path):
     return
   with open(path) as f:
@@ -109,7 +125,7 @@ def check_compatible(model_dir: str, config: Config) -> None:
     if theirs != mine:
       differing.append(f"--{name}: {theirs!r} in {path}, {mine!r} now")
   if differing:
-    raise ConfigError(
+    raise RunDirError(
         f"--model_dir={model_dir} holds a run with different settings:\n  "
         + "\n  ".join(differing)
         + "\nUse a new --model_dir, or pass --overwrite to delete that run's checkpoints, "
@@ -131,32 +147,64 @@ def clear_run(model_dir: str) -> None:
       os.remove(path)
 
 
-def restore_latest(checkpoint: tf.train.Checkpoint,
-                   manager: tf.train.CheckpointManager) -> str | None:
-  """Restores the newest checkpoint that reads back, falling back to older ones.
+class Checkpoints:
+  """The run's rolling checkpoints (checkpoints/) and its best one (best/).
 
-  A crash in the middle of a save, or a truncated file, leaves the newest checkpoint
-  unreadable; the one before it still holds a consistent state.
-
-  Returns:
-    the restored checkpoint's path, or None when there is none.
-  Raises:
-    CheckpointError: when checkpoints exist but none reads back.
+  Args:
+    checkpoint: what a checkpoint holds.
+    out_dir: where this process saves (the model dir, or a non-chief worker's scratch dir).
+    restore_dir: the model dir, which every worker restores from: a worker that restored
+      nothing would train other weights from step 0 (--model_dir must be shared).
+    keep: rolling checkpoints kept.
   """
-  candidates = list(reversed(manager.checkpoints))
-  for path in candidates:
-    try:
-      checkpoint.restore(path).assert_existing_objects_matched()
-      return path
-    # A truncated file surfaces as an OpError, or as IndexError from the reader.
-    except (tf.errors.OpError, AssertionError, ValueError, IndexError, KeyError) as e:
-      logging.warning("checkpoint %s is unreadable (%s: %s); trying an older one", path,
-                      type(e).__name__, str(e).splitlines()[0][:200])
-  if candidates:
-    raise CheckpointError(f"none of the checkpoints in {manager.directory} could be "
-                          "restored; see the warnings above (use --overwrite to start "
-                          "afresh)")
-  return None
+
+  def __init__(self, checkpoint: tf.train.Checkpoint, out_dir: str, restore_dir: str,
+               keep: int):
+    self.checkpoint = checkpoint
+    self.manager = tf.train.CheckpointManager(
+        checkpoint, os.path.join(out_dir, run_files.CHECKPOINT_SUBDIR), max_to_keep=keep)
+    self.best = tf.train.CheckpointManager(
+        checkpoint, os.path.join(out_dir, run_files.BEST_SUBDIR), max_to_keep=1)
+    self.restore_manager = self.manager if out_dir == restore_dir else (
+        tf.train.CheckpointManager(
+            checkpoint, os.path.join(restore_dir, run_files.CHECKPOINT_SUBDIR),
+            max_to_keep=keep))
+
+  @property
+  def latest(self) -> str | None:
+    return self.manager.latest_checkpoint
+
+  def save(self, step: int) -> str:
+    return self.manager.save(checkpoint_number=step)
+
+  def save_best(self, step: int) -> str:
+    return self.best.save(checkpoint_number=step)
+
+  def restore_latest(self) -> str | None:
+    """Restores the newest checkpoint that reads back, falling back to older ones.
+
+    A crash in the middle of a save, or a truncated file, leaves the newest checkpoint
+    unreadable; the one before it still holds a consistent state.
+
+    Returns:
+      the restored checkpoint's path, or None when there is none.
+    Raises:
+      CheckpointError: when checkpoints exist but none reads back.
+    """
+    candidates = list(reversed(self.restore_manager.checkpoints))
+    for path in candidates:
+      try:
+        self.checkpoint.restore(path).assert_existing_objects_matched()
+        return path
+      # A truncated file surfaces as an OpError, or as IndexError from the reader.
+      except (tf.errors.OpError, AssertionError, ValueError, IndexError, KeyError) as e:
+        logging.warning("checkpoint %s is unreadable (%s: %s); trying an older one", path,
+                        type(e).__name__, str(e).splitlines()[0][:200])
+    if candidates:
+      raise CheckpointError(f"none of the checkpoints in {self.restore_manager.directory} "
+                            "could be restored; see the warnings above (use --overwrite to "
+                            "start afresh)")
+    return None
 
 
 def resolve_checkpoint(model_dir: str, which: str) -> str:
@@ -166,7 +214,8 @@ def resolve_checkpoint(model_dir: str, which: str) -> str:
     CheckpointError: when there is none.
   """
   if which in ("latest", "best"):
-    directory = os.path.join(model_dir, CHECKPOINT_SUBDIR if which == "latest" else BEST_SUBDIR)
+    subdir = run_files.CHECKPOINT_SUBDIR if which == "latest" else run_files.BEST_SUBDIR
+    directory = os.path.join(model_dir, subdir)
     path = tf.train.latest_checkpoint(directory)
     if path is None and which == "best":
       logging.info("no best checkpoint in %s; using the latest", directory)
@@ -178,3 +227,20 @@ def resolve_checkpoint(model_dir: str, which: str) -> str:
   if not tf.io.gfile.exists(f"{which}.index"):
     raise CheckpointError(f"--checkpoint={which}: no such checkpoint (expected {which}.index)")
   return which
+
+
+def restore_for_inference(checkpoint: tf.train.Checkpoint, path: str, model_name: str,
+                          settings: str = "--depth/--plain/--stem/--shortcut/--stage_*/"
+                          "--ema_decay") -> None:
+  """Restores `path` into `checkpoint` for evaluation or export (optimizer slots may be
+  missing from `checkpoint`).
+
+  Raises:
+    CheckpointError: when the checkpoint does not fit the model.
+  """
+  try:
+    checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
+  except (tf.errors.OpError, AssertionError, ValueError) as e:
+    raise CheckpointError(
+        f"cannot restore {path} into {model_name} ({type(e).__name__}); was it trained "
+        f"with other {settings} settings?") from None

@@ -1,0 +1,99 @@
+"""Evaluation: loss and accuracy of the model on a split (and with flip test-time
+augmentation, and with the moving average of the weights), and --mode=eval."""
+
+import keras
+import tensorflow as tf
+
+from input_pipeline import pipeline, sources
+from trainer import data, distribute, metrics, run_dir, schedule
+from trainer.config import Config
+from trainer.state import State, build_state, ema_weights
+
+
+class Evaluator:
+  """Evaluates the state's model on one split: `evaluate() -> {metric: value}`.
+
+  The keys are those of metrics.Sums ("loss", "accuracy"); with eval_flip also "flip_..."
+  (logits averaged with those of the mirrored images); with an EMA also "ema_..." and
+  "ema_flip_...", so users see what each gives.
+  """
+
+  def __init__(self, strategy: tf.distribute.Strategy, state: State, split: sources.Split,
+               *, per_replica_batch_size: int, full_pass_steps: int, steps: int,
+               flip: bool):
+    self.strategy, self.state, self.steps = strategy, state, steps
+    with strategy.scope():
+      self.sums = {"": metrics.Sums()}
+      if flip:
+        self.sums["flip_"] = metrics.Sums()
+    self.dataset = strategy.distribute_datasets_from_function(
+        lambda context: pipeline.eval_pipeline(
+            split.as_dataset(), per_replica_batch_size=per_replica_batch_size,
+            num_examples=split.num_examples, global_steps=full_pass_steps,
+            input_context=context))
+    self._loop = tf.function(self._eval_loop)
+
+  def _replica_step(self, images, labels, weights):
+    model = self.state.model
+    logits = model(images, training=False)
+    loss = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    self.sums[""].add(loss, logits, labels, weights)
+    if "flip_" in self.sums:
+      mirrored = model(tf.reverse(images, axis=[2]), training=False)
+      averaged = (logits + mirrored) / 2
+      loss = keras.losses.sparse_categorical_crossentropy(labels, averaged, from_logits=True)
+      self.sums["flip_"].add(loss, averaged, labels, weights)
+
+  def _eval_loop(self, iterator, num_steps):
+    for _ in tf.range(num_steps):
+      self.strategy.run(self._replica_step, args=next(iterator))
+
+  def _run(self, prefix: str) -> dict[str, float]:
+    for sums in self.sums.values():
+      sums.reset()
+    self._loop(iter(self.dataset), tf.constant(self.steps))
+    return {f"{prefix}{kind}{key}": value
+            for kind, sums in self.sums.items() for key, value in sums.result().items()}
+
+  def evaluate(self) -> dict[str, float]:
+    results = self._run("")
+    if self.state.ema:
+      with ema_weights(self.state):
+        results.update(self._run("ema_"))
+    return results
+
+
+def make_evaluator(strategy: tf.distribute.Strategy, state: State, split: sources.Split,
+                   plan: schedule.Plan, config: Config, steps: int) -> Evaluator:
+  """An Evaluator of `split` with the plan's batch, running `steps` steps per evaluation."""
+  return Evaluator(strategy, state, split, per_replica_batch_size=plan.per_replica_batch_size,
+                   full_pass_steps=schedule.full_pass_steps(split.num_examples,
+                                                            plan.global_batch_size),
+                   steps=steps, flip=config.eval_flip)
+
+
+def evaluate_checkpoint(config: Config, strategy: tf.distribute.Strategy) -> dict:
+  """--mode=eval: evaluates the checkpoint `config.checkpoint` names on the test split.
+
+  Returns:
+    the metrics (also written to <model_dir>/eval.json).
+  Raises:
+    errors.RunDirError: when there is no such checkpoint, or it does not fit the model.
+  """
+  path = run_dir.resolve_checkpoint(config.model_dir, config.checkpoint or "latest")
+  splits = data.load(config)
+  plan = schedule.make_plan(config, replicas=strategy.num_replicas_in_sync,
+                            num_train=splits.train.num_examples,
+                            num_eval=splits.test.num_examples)
+  precision = distribute.resolve_precision(config.precision, strategy)
+  state = build_state(config, strategy, len(splits.class_names), plan, precision)
+  run_dir.restore_for_inference(state.checkpoint, path, state.model.name)
+  results = make_evaluator(strategy, state, splits.test, plan, config,
+                           plan.eval_steps).evaluate()
+  result = {"checkpoint": path, "step": int(state.step.numpy()), "model": state.model.name,
+            **{f"test_{k}": v for k, v in results.items()},
+            "examples": min(splits.test.num_examples,
+                            plan.eval_steps * config.global_batch_size)}
+  if distribute.is_chief(strategy):
+    run_dir.write_eval(config.model_dir, result)
+  return result
