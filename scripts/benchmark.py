@@ -84,7 +84,7 @@ def _scalars(log_dir: str, tag: str) -> list[tuple[int, float]]:
 
 def run_trainer(data_source: str, data_dir: str | None) -> dict:
   """Trains warm-up + timed windows with the real trainer; returns median figures."""
-  from trainer import config as config_lib, distribute, train
+  from trainer import config as config_lib, distribute, run_files, train
   steps = FLAGS.window_steps * (FLAGS.warmup_windows + FLAGS.windows)
   with tempfile.TemporaryDirectory() as model_dir:
     config = config_lib.Config(
@@ -97,8 +97,8 @@ def run_trainer(data_source: str, data_dir: str | None) -> dict:
         model_dir=model_dir)
     strategy = distribute.make_strategy(config.strategy)
     metrics = train.train_and_evaluate(config, strategy)
-    rates = _scalars(os.path.join(model_dir, "train"), "images_per_second")
-    step_ms = _scalars(os.path.join(model_dir, "train"), "step_time_ms")
+    rates = _scalars(os.path.join(model_dir, run_files.TRAIN_EVENTS), "images_per_second")
+    step_ms = _scalars(os.path.join(model_dir, run_files.TRAIN_EVENTS), "step_time_ms")
   timed = [r for s, r in rates if s > FLAGS.window_steps * FLAGS.warmup_windows]
   timed_ms = [r for s, r in step_ms if s > FLAGS.window_steps * FLAGS.warmup_windows]
   return {"images_per_second": statistics.median(timed),
@@ -274,7 +274,8 @@ def measure_compute_step_ms() -> float:
 def main(argv):
   del argv
   import tensorflow as tf
-  from trainer import distribute, flops, resnet
+  from scripts import flops
+  from trainer import distribute, resnet
   distribute.configure_cpu_devices(FLAGS.cpu_devices)
   tf.get_logger().setLevel("WARNING")
   model = resnet.build_resnet(FLAGS.depth, plain=FLAGS.plain, stem=FLAGS.stem)

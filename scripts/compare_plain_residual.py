@@ -6,6 +6,14 @@ Usage (from the repo root):
   .venv/bin/python scripts/compare_plain_residual.py --depths=20,32,44,56 \\
       --output_dir=runs/study --data_source=folder --data_dir=DIR
   .venv/bin/python scripts/compare_plain_residual.py --quick --output_dir=runs/quick
+  .venv/bin/python scripts/compare_plain_residual.py --depths=34,50 \\
+      --extra_args="--recipe=blog --stage_widths=16,32,64,128" \\
+      --output_dir=runs/blog-study --data_dir=../shared/datasets/cifar10-jpeg
+
+The last is the origin blog post's study: ResNet-34 and ResNet-50 and their plain twins
+on its recipe (plain SGD at 0.01, clipnorm 1.0, 20 epochs), at a quarter of its stage
+widths (64,128,256,512) and with this project's CIFAR stem; the figure's title and
+results.md say "widths 16,32,64,128".
 
 Every depth is trained twice, as plain-D (--plain=true) and ResNet-D (--plain=false), by
 running `python -m trainer.main` as a subprocess with --model_dir=OUTPUT_DIR/plain-D or
@@ -49,7 +57,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)  # `python scripts/X.py` puts scripts/, not the repo, on the path.
 
-from trainer import experiment  # noqa: E402
+from scripts import experiment  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -349,6 +357,27 @@ def run_jobs(jobs: list[Job], extra_args: list[str], parallel: int,
   return failures, interrupted
 
 
+def make_jobs(depths: list[int], settings: dict, output_dir: str) -> list[Job]:
+  """Plain and residual twin of every depth, in that order, each in OUTPUT_DIR/run_name.
+
+  Args:
+    depths: the depths to train.
+    settings: the trainer flags every run shares (epochs, steps_per_epoch, eval_steps,
+      global_batch_size, data_source, data_dir; None: the trainer's default).
+    output_dir: the study's output dir.
+  """
+  jobs = []
+  for depth in depths:
+    for plain in (True, False):
+      expected = {"depth": depth, "plain": plain,
+                  **{k: settings[k] for k in ("epochs", "steps_per_epoch", "eval_steps",
+                                              "global_batch_size", "data_source",
+                                              "data_dir")}}
+      jobs.append(Job(depth, plain, os.path.join(output_dir,
+                                                 experiment.run_name(depth, plain)), expected))
+  return jobs
+
+
 def _settings() -> dict:
   """The study's settings: explicit flags, else --quick presets, else the flag defaults."""
   settings = {}
@@ -385,16 +414,7 @@ def main(argv):
   output_dir = os.path.abspath(FLAGS.output_dir)
   os.makedirs(output_dir, exist_ok=True)
 
-  jobs = []
-  for depth in depths:
-    for plain in (True, False):
-      expected = {"depth": depth, "plain": plain, "epochs": settings["epochs"],
-                  "steps_per_epoch": settings["steps_per_epoch"],
-                  "eval_steps": settings["eval_steps"],
-                  "global_batch_size": settings["global_batch_size"],
-                  "data_source": settings["data_source"], "data_dir": settings["data_dir"]}
-      jobs.append(Job(depth, plain, os.path.join(output_dir,
-                                                 experiment.run_name(depth, plain)), expected))
+  jobs = make_jobs(depths, settings, output_dir)
   steps = f" x {settings['steps_per_epoch']} steps" if settings["steps_per_epoch"] else ""
   print(f"study{' (--quick)' if FLAGS.quick else ''}: depths "
         f"{', '.join(map(str, depths))} as plain and ResNet ({len(jobs)} runs); data "

@@ -10,14 +10,10 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 
-# The files trainer/train.py writes into a model dir. Repeated here (not imported) so that
-# the study's parent process never loads TensorFlow; tests/test_experiment.py runs the real
-# trainer, so a rename there fails the tests.
-CONFIG_FILE = "config.json"
-HISTORY_FILE = "history.json"
-METRICS_FILE = "metrics.json"
-TRAIN_LOG_SUBDIR = "train"
-EVAL_LOG_SUBDIR = "validation"
+# Pure Python: the study's parent process must not load TensorFlow.
+from trainer.run_files import (CONFIG_FILE, EPOCH_ACCURACY_TAG, EPOCH_LOSS_TAG, HISTORY_FILE,
+                               METRICS_FILE, TEST_EVENTS, TRAIN_EVENTS, VALIDATION_EVENTS,
+                               eval_split_name)
 
 PLAIN = "plain"
 RESIDUAL = "residual"
@@ -41,6 +37,16 @@ def run_name(depth: int, plain: bool) -> str:
 def run_label(depth: int, plain: bool) -> str:
   """The legend label He et al. use, e.g. "plain-20" or "ResNet-20"."""
   return f"{'plain' if plain else 'ResNet'}-{depth}"
+
+
+def layout_note(config: dict) -> str:
+  """The run's own layout where it overrides its depth's table (--stage_sizes,
+  --stage_widths), e.g. "widths 16,32,64,128"; "" for the table's layout. Figures and tables
+  say it, so that a study of quarter-width nets is not read as one of full-width ones."""
+  parts = [f"{name} {','.join(map(str, config[key]))}"
+           for key, name in (("stage_sizes", "blocks"), ("stage_widths", "widths"))
+           if config.get(key)]
+  return ", ".join(parts)
 
 
 def error_percent(accuracy: float) -> float:
@@ -195,23 +201,41 @@ def _event_values(log_dir: str, tag: str) -> dict[int, float]:
   return values
 
 
-def read_event_history(model_dir: str, steps_per_epoch: int | None = None) -> list[dict]:
+def eval_events_dir(model_dir: str, validation_split: int = 0) -> str:
+  """The event dir holding a run's per-epoch evaluation curves.
+
+  With a validation split: validation/. Otherwise test/, except in runs written before the
+  evaluation writer was named after its split, which logged their test curves to
+  validation/ too.
+  """
+  if validation_split:
+    return os.path.join(model_dir, VALIDATION_EVENTS)
+  test_dir = os.path.join(model_dir, TEST_EVENTS)
+  return test_dir if os.path.isdir(test_dir) else os.path.join(model_dir, VALIDATION_EVENTS)
+
+
+def read_event_history(model_dir: str, steps_per_epoch: int | None = None, *,
+                       validation_split: int = 0) -> list[dict]:
   """Rebuilds the per-epoch history from the TensorBoard epoch_* tags of a model dir.
 
   A resumed run logs the epochs after its last checkpoint twice; the later value wins.
 
   Args:
-    model_dir: the run's model dir, holding train/ and validation/ event files.
+    model_dir: the run's model dir, holding train/ and test/ (or validation/) event files.
     steps_per_epoch: to number the epochs by step; None numbers them 1, 2, ...
+    validation_split: the run's --validation_split (config.json); > 0 reads validation/.
   Returns:
-    history entries like the trainer's history.json (evaluation as test_*).
+    history entries like the trainer's history.json: evaluation as test_*, or as
+    validation_* for a run with a validation split.
   """
+  train_dir = os.path.join(model_dir, TRAIN_EVENTS)
+  eval_dir = eval_events_dir(model_dir, validation_split)
+  split = eval_split_name(validation_split)
   series = {}
-  for key, subdir, tag in (("train_loss", TRAIN_LOG_SUBDIR, "epoch_loss"),
-                           ("train_accuracy", TRAIN_LOG_SUBDIR, "epoch_accuracy"),
-                           ("test_loss", EVAL_LOG_SUBDIR, "epoch_loss"),
-                           ("test_accuracy", EVAL_LOG_SUBDIR, "epoch_accuracy")):
-    log_dir = os.path.join(model_dir, subdir)
+  for key, log_dir, tag in (("train_loss", train_dir, EPOCH_LOSS_TAG),
+                            ("train_accuracy", train_dir, EPOCH_ACCURACY_TAG),
+                            (f"{split}_loss", eval_dir, EPOCH_LOSS_TAG),
+                            (f"{split}_accuracy", eval_dir, EPOCH_ACCURACY_TAG)):
     series[key] = _event_values(log_dir, tag) if os.path.isdir(log_dir) else {}
   steps = sorted(set.intersection(*(set(s) for s in series.values())))
   return [{"epoch": round(step / steps_per_epoch, 4) if steps_per_epoch else i + 1,
@@ -238,14 +262,12 @@ def load_run(model_dir: str, *, events_fallback: bool = True) -> Run:
   if history is None and not events_fallback:
     history = []
   elif history is None:
-    history = read_event_history(model_dir, config.get("steps_per_epoch_resolved"))
+    history = read_event_history(model_dir, config.get("steps_per_epoch_resolved"),
+                                 validation_split=config.get("validation_split") or 0)
     source = "events"
-    if config.get("validation_split"):  # The validation/ tags then hold validation errors.
-      history = [{k.replace("test_", "validation_"): v for k, v in h.items()}
-                 for h in history]
   if not history:
-    raise RunError(f"{model_dir}: no finished epoch yet (no {HISTORY_FILE}, no epoch_accuracy "
-                   "in its event files)")
+    raise RunError(f"{model_dir}: no finished epoch yet (no {HISTORY_FILE}, no "
+                   f"{EPOCH_ACCURACY_TAG} in its event files)")
   return Run(os.path.basename(os.path.normpath(model_dir)), model_dir, config,
              tuple(sorted(history, key=lambda h: h["step"])), source,
              read_metrics(model_dir))
@@ -294,10 +316,13 @@ def describe_settings(runs: Sequence[Run]) -> str:
   evaluation = (f", evaluation capped at {config['eval_steps']} batch(es)"
                 if config.get("eval_steps") else "")
   recipe = f"recipe {config['recipe']}, " if config.get("recipe") else ""
-  text = (f"CIFAR-10 ({data}), {recipe}{epochs}, batch {config.get('global_batch_size')}"
-          f"{evaluation}")
+  layouts = {layout_note(r.config) for r in runs}
+  # A layout that differs between runs is in their legend labels instead.
+  layout = f"{layouts.pop()}, " if len(layouts) == 1 and "" not in layouts else ""
+  text = (f"CIFAR-10 ({data}), {recipe}{layout}{epochs}, batch "
+          f"{config.get('global_batch_size')}{evaluation}")
   keys = ("data_source", "data_dir", "recipe", "epochs", "steps_per_epoch", "eval_steps",
-          "global_batch_size", "learning_rate", "weight_decay")
+          "global_batch_size", "learning_rate", "weight_decay", "stage_sizes", "stage_widths")
   if any(r.config.get(k) != config.get(k) for r in runs for k in keys):
     text += " (settings differ between runs: see their config.json)"
   return text
@@ -316,21 +341,35 @@ def run_colours(runs: Sequence[Run]) -> dict[str, str]:
   return {model_dir: palette[order[key] % len(palette)] for model_dir, key in keys.items()}
 
 
-def _unique_labels(runs: Sequence[Run]) -> dict[str, str]:
-  """model dir -> legend label: the run's label, plus its run name where two runs share a
-  label, plus its parent folder where they share the run name too (two studies' resnet-20)."""
-  labels = collections.Counter(run.label for run in runs)
-  names = collections.Counter((run.label, run.name) for run in runs)
+def _unique_labels(runs: Sequence[Run], *, layout: bool = False) -> dict[str, str]:
+  """model dir -> legend label: the run's label (with its layout_note if `layout`), plus its
+  run name where two runs share a label, plus its parent folder where they share the run
+  name too (two studies' resnet-20)."""
+  base = {}
+  for run in runs:
+    note = layout_note(run.config) if layout else ""
+    base[run.model_dir] = f"{run.label} ({note})" if note else run.label
+  labels = collections.Counter(base.values())
+  names = collections.Counter((base[run.model_dir], run.name) for run in runs)
   out = {}
   for run in runs:
-    if labels[run.label] == 1:
-      out[run.model_dir] = run.label
-    elif names[(run.label, run.name)] == 1:
-      out[run.model_dir] = f"{run.label} ({run.name})"
+    label = base[run.model_dir]
+    if labels[label] == 1:
+      out[run.model_dir] = label
+    elif names[(label, run.name)] == 1:
+      out[run.model_dir] = f"{label} ({run.name})"
     else:
       parent = os.path.basename(os.path.dirname(os.path.normpath(run.model_dir)))
-      out[run.model_dir] = f"{run.label} ({parent}/{run.name})"
+      out[run.model_dir] = f"{label} ({parent}/{run.name})"
   return out
+
+
+def legend_labels(runs: Sequence[Run], *, title: str | None = None) -> dict[str, str]:
+  """model dir -> the figure's legend label. A layout that all runs share is in the default
+  title (describe_settings); the legend names it when the runs differ in it, or when a
+  given `title` replaces that description."""
+  layouts = {layout_note(run.config) for run in runs}
+  return _unique_labels(runs, layout=title is not None or len(layouts) > 1)
 
 
 def plot_figure(runs: Sequence[Run], path: str, *, x_axis: str = "epoch",
@@ -345,7 +384,8 @@ def plot_figure(runs: Sequence[Run], path: str, *, x_axis: str = "epoch",
     runs: the runs to draw.
     path: the PNG to write.
     x_axis: "epoch" or "step" (He et al. plot iterations).
-    title: the figure's title; default: describe_settings(runs).
+    title: the figure's title; default: describe_settings(runs). A given title moves the
+      runs' layouts (e.g. "widths 16,32,64,128") into the legend.
   """
   if x_axis not in X_AXES:
     raise ValueError(f"x_axis must be one of {X_AXES}, got {x_axis!r}")
@@ -356,7 +396,7 @@ def plot_figure(runs: Sequence[Run], path: str, *, x_axis: str = "epoch",
   from matplotlib.ticker import MaxNLocator
 
   colours = run_colours(runs)
-  labels = _unique_labels(runs)
+  labels = legend_labels(runs, title=title)
   eval_name = "/".join(sorted({r.eval_split for r in runs}, reverse=True)) or "test"
   panels = [(kind, heading) for kind, heading in zip(KINDS, ("plain networks", "ResNets"))
             if any(r.kind == kind for r in runs)] or [(KINDS[1], "ResNets")]

@@ -10,7 +10,7 @@ weighted_layers, plain, block, stem, shortcut (null for plain nets), stage_sizes
 stage_widths, params (trainable parameters), flops (forward FLOPs per 32x32 image) and
 output_shape. With --all: a list of such objects, residual then plain twin of every
 depth in the table (ImageNet-style 18-152, CIFAR family 20-1202). FLOPs = 2 x the
-multiply-accumulates of the convolution and dense layers (trainer/flops.py). --all builds
+multiply-accumulates of the convolution and dense layers (scripts/flops.py). --all builds
 every network including ResNet-1202 and ResNet-152 and takes a few minutes on a 2-core
 CPU.
 """
@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from trainer import flops, resnet  # noqa: E402
+from scripts import flops  # noqa: E402
+from trainer import resnet  # noqa: E402
 
 FLAGS = flags.FLAGS
 

@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)  # `python scripts/X.py` puts scripts/, not the repo, on the path.
 
-from trainer import experiment  # noqa: E402
+from scripts import experiment  # noqa: E402
 
 FLAGS = flags.FLAGS
 

@@ -12,7 +12,8 @@ import sys
 import matplotlib.image
 import pytest
 
-from trainer import experiment
+from scripts import experiment
+from trainer import run_files
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # ResNet-8 / plain-8 (CIFAR family, n=1), 2 epochs of 2 steps: seconds per run.
@@ -44,7 +45,9 @@ def test_study_writes_runs_curves_figure_and_table(study):
   assert "start plain-8" in result.stdout and "finished ResNet-8" in result.stdout
   for name in ("plain-8", "resnet-8"):
     assert (out / name / "metrics.json").exists()
-    assert list((out / name / "validation").glob("events.out.tfevents.*"))
+    # test/, or validation/ from a trainer older than the split-named event dirs.
+    assert any(list((out / name / d).glob("events.out.tfevents.*"))
+               for d in run_files.EVAL_EVENTS)
 
   rows = read_csv(out / "curves.csv")
   assert tuple(rows[0]) == experiment.CSV_COLUMNS
@@ -194,3 +197,152 @@ def test_figure_of_one_kind_has_one_panel(tmp_path):
                          tmp_path / "two.png")
   one, two = (matplotlib.image.imread(tmp_path / f).shape for f in ("one.png", "two.png"))
   assert one[0] == two[0] and one[1] < 0.6 * two[1]
+
+
+def write_epoch_events(log_dir: pathlib.Path, points: list[tuple[int, float, float]]) -> None:
+  """Writes (step, loss, accuracy) as the epoch_* scalars the trainer's writers log."""
+  import tensorflow as tf
+  writer = tf.summary.create_file_writer(str(log_dir))
+  with writer.as_default():
+    for step, loss, accuracy in points:
+      tf.summary.scalar(run_files.EPOCH_LOSS_TAG, loss, step=step)
+      tf.summary.scalar(run_files.EPOCH_ACCURACY_TAG, accuracy, step=step)
+  writer.close()
+
+
+@pytest.mark.parametrize("event_dirs, validation_split, read_from, split", [
+    (("test",), 0, "test", "test"),
+    # Written by the trainer before the evaluation dir was named after its split.
+    (("validation",), 0, "validation", "test"),
+    (("test", "validation"), 0, "test", "test"),
+    (("test", "validation"), 5000, "validation", "validation"),
+])
+def test_event_history_reads_the_evaluation_dir_of_the_split(
+    tmp_path, event_dirs, validation_split, read_from, split):
+  run_dir = tmp_path / "resnet-8"
+  run_dir.mkdir()
+  (run_dir / run_files.CONFIG_FILE).write_text(json.dumps(
+      {"depth": 8, "plain": False, "epochs": 2, "steps_per_epoch_resolved": 5,
+       "total_steps": 10, "validation_split": validation_split}))
+  write_epoch_events(run_dir / run_files.TRAIN_EVENTS, [(5, 2.0, 0.3), (10, 1.5, 0.5)])
+  # Each dir's own accuracies, to tell which one was read.
+  accuracies = {"test": (0.4, 0.6), "validation": (0.35, 0.55)}
+  for name in event_dirs:
+    write_epoch_events(run_dir / name, [(5, 1.9, accuracies[name][0]),
+                                        (10, 1.4, accuracies[name][1])])
+  run = experiment.load_run(str(run_dir))
+  assert run.history_source == "events" and run.eval_split == split and run.finished
+  assert [h["epoch"] for h in run.history] == [1, 2]
+  assert [h["train_accuracy"] for h in run.history] == pytest.approx([0.3, 0.5])
+  assert [h[f"{split}_accuracy"] for h in run.history] == pytest.approx(accuracies[read_from])
+  assert [h[f"{split}_loss"] for h in run.history] == pytest.approx([1.9, 1.4])
+  other = "validation" if split == "test" else "test"
+  assert not any(key.startswith(other) for h in run.history for key in h)
+
+
+def test_runs_with_their_own_stage_widths_say_so(tmp_path):
+  blog = [_run(name, depth, plain, [60.0, 50.0]) for name, depth, plain in
+          (("plain-34", 34, True), ("resnet-34", 34, False), ("resnet-50", 50, False))]
+  for run in blog:
+    run.config.update(recipe="blog", stage_widths=[16, 32, 64, 128])
+  assert experiment.layout_note(blog[0].config) == "widths 16,32,64,128"
+  assert experiment.layout_note({"stage_sizes": [2, 2], "stage_widths": [8, 16]}) == \
+      "blocks 2,2, widths 8,16"
+  # Shared by every run: in the figure's default title and in results.md's settings.
+  assert "recipe blog, widths 16,32,64,128, 2 epochs" in experiment.describe_settings(blog)
+  assert "widths 16,32,64,128" in experiment.results_markdown(blog)
+  assert experiment.legend_labels(blog)["/runs/resnet-34"] == "ResNet-34"
+  # A title of one's own replaces that description: the legend says it then.
+  assert experiment.legend_labels(blog, title="blog study")["/runs/resnet-34"] == \
+      "ResNet-34 (widths 16,32,64,128)"
+  experiment.plot_figure(blog, tmp_path / "blog.png", title="blog study")
+
+  # Mixed with a full-width run: the legend tells the two ResNet-34s apart.
+  full = dataclasses.replace(_run("resnet-34", 34, False, [55.0, 45.0]),
+                             model_dir="/full/resnet-34")
+  full.config["recipe"] = "blog"
+  mixed = blog + [full]
+  labels = experiment.legend_labels(mixed)
+  assert labels["/runs/resnet-34"] == "ResNet-34 (widths 16,32,64,128)"
+  assert labels["/full/resnet-34"] == "ResNet-34"
+  assert labels["/runs/plain-34"] == "plain-34 (widths 16,32,64,128)"
+  settings = experiment.describe_settings(mixed)
+  assert "widths" not in settings and "settings differ between runs" in settings
+  experiment.plot_figure(mixed, tmp_path / "mixed.png")
+
+
+# Builds the jobs of a study as scripts/compare_plain_residual.py's main() does, without
+# training: prints each run's name, trainer command and state (run_state) as JSON. In a
+# child process: the script and trainer/main.py define flags of the same names.
+STUDY_DRY_RUN = """
+import json, sys
+from scripts import compare_plain_residual as study
+study.FLAGS(["compare_plain_residual.py", *sys.argv[1:]])
+settings = study._settings()
+args, values = study.parse_extra_args(study.FLAGS.extra_args)
+jobs = []
+for job in study.make_jobs([int(d) for d in settings["depths"]], settings,
+                           study.FLAGS.output_dir):
+  try:
+    state = study.run_state(job, values)
+  except study.experiment.RunError as e:
+    state = "refused: " + str(e)
+  jobs.append({"name": job.name, "model_dir": job.model_dir, "command": job.command(args),
+               "state": state})
+print(json.dumps(jobs))
+"""
+
+
+def study_dry_run(*args: str) -> list[dict]:
+  result = subprocess.run([sys.executable, "-c", STUDY_DRY_RUN, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_blog_study_trains_the_origin_blogs_networks(tmp_path):
+  from absl import flags
+  from trainer import main as main_lib
+
+  data_dir, out = tmp_path / "cifar10-jpeg", tmp_path / "blog-study"
+  (data_dir / "train").mkdir(parents=True)
+  study = ["--depths=34,50", "--extra_args=--recipe=blog --stage_widths=16,32,64,128",
+           f"--output_dir={out}", f"--data_dir={data_dir}"]
+  jobs = study_dry_run(*study)
+  assert [(j["name"], j["state"]) for j in jobs] == [
+      ("plain-34", "new"), ("resnet-34", "new"), ("plain-50", "new"), ("resnet-50", "new")]
+  for job, (depth, plain, block) in zip(jobs, ((34, True, "basic"), (34, False, "basic"),
+                                               (50, True, "bottleneck"),
+                                               (50, False, "bottleneck"))):
+    command = job["command"]
+    assert command[1:3] == ["-m", "trainer.main"]
+    assert "--recipe=blog" in command and "--stage_widths=16,32,64,128" in command
+    assert not any(a.startswith("--epochs") for a in command)  # the recipe's 20
+    # The Config trainer/main.py builds from that command line.
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["trainer.main", *command[3:]])
+    try:
+      config = main_lib.config_from_flags()
+    finally:
+      flags.FLAGS.unparse_flags()
+    assert (config.depth, config.plain, config.data_source) == (depth, plain, "folder")
+    assert (config.recipe, config.epochs, config.learning_rate, config.clipnorm) == (
+        "blog", 20, 0.01, 1.0)
+    architecture = config.architecture()
+    assert architecture.stage_widths == (16, 32, 64, 128)
+    assert architecture.stage_sizes == (3, 4, 6, 3) and architecture.block == block
+    # What the trainer writes into config.json (tuples become lists) when it starts.
+    (out / job["name"]).mkdir(parents=True)
+    (out / job["name"] / run_files.CONFIG_FILE).write_text(json.dumps(
+        {**dataclasses.asdict(config), "steps_per_epoch_resolved": 391,
+         "total_steps": 7820}))
+  (out / "resnet-34" / run_files.METRICS_FILE).write_text(json.dumps({"steps": 7820}))
+
+  # Rerunning resumes (and reuses the finished run) rather than refusing the blog settings.
+  assert [j["state"] for j in study_dry_run(*study)] == [
+      "unfinished", "finished", "unfinished", "unfinished"]
+  # A full-width study into the same dir must not mix with the quarter-width runs.
+  full = [a.replace("16,32,64,128", "64,128,256,512") for a in study]
+  states = [j["state"] for j in study_dry_run(*full)]
+  assert all(s.startswith("refused: ") and "--stage_widths=16,32,64,128 (this study: "
+             "64,128,256,512)" in s for s in states), states

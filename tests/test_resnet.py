@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from keras import layers
 
-from trainer import flops, resnet
+from scripts import flops
+from trainer import resnet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small bottleneck network (the ResNet-50 block type) that builds and runs fast.
