@@ -4,6 +4,7 @@ Normalisation (per-channel mean/std, constants below) happens in the model's fir
 layer, so the host moves uint8 bytes and the accelerator does the float work.
 """
 
+import functools
 import secrets
 
 import tensorflow as tf
@@ -190,17 +191,37 @@ def train_pipeline(dataset: tf.data.Dataset, *, per_replica_batch_size: int, see
     raise ValueError(f"per_replica_batch_size={batch_size} is larger than the "
                      f"{num_examples // pipelines} examples of each of the {pipelines} "
                      "input pipeline(s)")
-  image_shape = tuple(dataset.element_spec[0].shape)
   batches_per_chunk = max(1, CHUNK_IMAGES // batch_size)
   first_batch = start_step * replicas_fed if deterministic else 0
   first_chunk, skip_batches = divmod(first_batch, batches_per_chunk)
-  first_epoch, skip_in_epoch = divmod(first_chunk * batches_per_chunk, batches_per_epoch)
   if not deterministic:
     seed = secrets.randbits(31)
   key = tf.constant([seed, pipeline_id], tf.int64)
-  shuffle_key = tf.random.experimental.stateless_fold_in(key, 0)
-  augment_key = tf.random.experimental.stateless_fold_in(key, 1)
-  shard_size = _shard_size(num_examples, pipeline_id, pipelines)
+  chunk_indices = _chunk_indices(
+      tf.random.experimental.stateless_fold_in(key, 0),
+      _shard_size(num_examples, pipeline_id, pipelines), batch_size, batches_per_epoch,
+      batches_per_chunk, first_chunk * batches_per_chunk)
+  # The table is made once per iterator, then handed (by reference) to every chunk.
+  tables = _in_memory(dataset, input_context, num_examples).flat_map(
+      lambda images, labels: tf.data.Dataset.from_tensors(
+          (crop_table(images), labels)).repeat())
+  make_chunk = functools.partial(
+      _make_chunk, augment_key=tf.random.experimental.stateless_fold_in(key, 1),
+      image_shape=tuple(dataset.element_spec[0].shape), batch_size=batch_size,
+      batches_per_chunk=batches_per_chunk)
+  dataset = tf.data.Dataset.zip(tables, tf.data.Dataset.counter(first_chunk), chunk_indices)
+  dataset = dataset.map(make_chunk, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+  if skip_batches:
+    dataset = dataset.skip(skip_batches)
+  return dataset.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic))
+
+
+def _chunk_indices(shuffle_key: tf.Tensor, shard_size: int, batch_size: int,
+                   batches_per_epoch: int, batches_per_chunk: int, first_batch: int
+                   ) -> tf.data.Dataset:
+  """Example indices, [batches_per_chunk, batch_size] per element: a fresh permutation of
+  the shard every epoch (keyed by the epoch), starting at batch `first_batch`."""
+  first_epoch, skip_in_epoch = divmod(first_batch, batches_per_epoch)
 
   def epoch_indices(epoch):
     order = tf.random.experimental.stateless_shuffle(
@@ -211,26 +232,19 @@ def train_pipeline(dataset: tf.data.Dataset, *, per_replica_batch_size: int, see
     skip = tf.where(epoch == first_epoch, skip_in_epoch, 0)
     return tf.data.Dataset.from_tensor_slices(batches).skip(tf.cast(skip, tf.int64))
 
-  chunk_indices = (tf.data.Dataset.counter(first_epoch).flat_map(epoch_indices)
-                   .batch(batches_per_chunk, drop_remainder=True))
-  # The table is made once per iterator, then handed (by reference) to every chunk.
-  tables = _in_memory(dataset, input_context, num_examples).flat_map(
-      lambda images, labels: tf.data.Dataset.from_tensors(
-          (crop_table(images), labels)).repeat())
+  return (tf.data.Dataset.counter(first_epoch).flat_map(epoch_indices)
+          .batch(batches_per_chunk, drop_remainder=True))
 
-  def make_chunk(table_and_labels, chunk, indices):
-    table, labels = table_and_labels
-    indices = tf.reshape(indices, [-1])
-    images = augment_from_table(table, indices, tf.random.experimental.stateless_fold_in(
-        augment_key, chunk), image_shape)
-    return (tf.reshape(images, [batches_per_chunk, batch_size, *image_shape]),
-            tf.reshape(tf.gather(labels, indices), [batches_per_chunk, batch_size]))
 
-  dataset = tf.data.Dataset.zip(tables, tf.data.Dataset.counter(first_chunk), chunk_indices)
-  dataset = dataset.map(make_chunk, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-  if skip_batches:
-    dataset = dataset.skip(skip_batches)
-  return dataset.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic))
+def _make_chunk(table_and_labels, chunk, indices, *, augment_key: tf.Tensor,
+                image_shape: tuple[int, ...], batch_size: int, batches_per_chunk: int):
+  """Augments one chunk of images gathered from the table, split into batches."""
+  table, labels = table_and_labels
+  indices = tf.reshape(indices, [-1])
+  images = augment_from_table(table, indices, tf.random.experimental.stateless_fold_in(
+      augment_key, chunk), image_shape)
+  return (tf.reshape(images, [batches_per_chunk, batch_size, *image_shape]),
+          tf.reshape(tf.gather(labels, indices), [batches_per_chunk, batch_size]))
 
 
 def eval_pipeline(dataset: tf.data.Dataset, *, per_replica_batch_size: int,

@@ -122,7 +122,8 @@ def main(argv):
   eval_rates = []
   if FLAGS.eval_passes:
     evaluation = pipeline.eval_pipeline(test.as_dataset(), per_replica_batch_size=batch_size,
-                                        num_examples=test.num_examples)
+                                        num_examples=test.num_examples,
+                                        global_steps=-(-test.num_examples // batch_size))
 
     @tf.function
     def consume_eval(dataset):

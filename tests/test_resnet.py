@@ -1,5 +1,5 @@
 """Pins trainer/resnet.py to He et al. (2015) and published parameter counts; checks the
-FLOP counter (trainer/flops.py) and scripts/model_summary.py.
+FLOP counter (scripts/flops.py) and scripts/model_summary.py.
 """
 
 import functools

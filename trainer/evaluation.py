@@ -76,7 +76,7 @@ def evaluate_checkpoint(config: Config, strategy: tf.distribute.Strategy) -> dic
   """--mode=eval: evaluates the checkpoint `config.checkpoint` names on the test split.
 
   Returns:
-    the metrics (also written to <model_dir>/eval.json).
+    the metrics (what trainer/main.py prints, then writes to <model_dir>/eval.json).
   Raises:
     errors.RunDirError: when there is no such checkpoint, or it does not fit the model.
   """
@@ -90,10 +90,7 @@ def evaluate_checkpoint(config: Config, strategy: tf.distribute.Strategy) -> dic
   run_dir.restore_for_inference(state.checkpoint, path, state.model.name)
   results = make_evaluator(strategy, state, splits.test, plan, config,
                            plan.eval_steps).evaluate()
-  result = {"checkpoint": path, "step": int(state.step.numpy()), "model": state.model.name,
-            **{f"test_{k}": v for k, v in results.items()},
-            "examples": min(splits.test.num_examples,
-                            plan.eval_steps * config.global_batch_size)}
-  if distribute.is_chief(strategy):
-    run_dir.write_eval(config.model_dir, result)
-  return result
+  return {"checkpoint": path, "step": int(state.step.numpy()), "model": state.model.name,
+          **{f"test_{k}": v for k, v in results.items()},
+          "examples": min(splits.test.num_examples,
+                          plan.eval_steps * config.global_batch_size)}

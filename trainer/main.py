@@ -4,8 +4,10 @@ The only module that reads absl flags: flags -> one validated Config -> strategy
 train, eval or export -> exit code.
 """
 
+import contextlib
 import os
 import sys
+import textwrap
 
 # Keep TensorFlow's C++ start-up noise out of the way unless the user asks for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -208,23 +210,32 @@ def _import_tensorflow(show_logs: bool) -> None:
 
 
 def _export(config: config_lib.Config) -> str:
-  from trainer import export
-  result = export.export(config)
+  from trainer import export, run_dir
+  # Not into a run dir a trainer is writing (the export dir is inside it by default).
+  lock = (run_dir.RunLock(config.model_dir) if os.path.isdir(config.model_dir)
+          else contextlib.nullcontext())
+  with lock:
+    result = export.export(config)
   return f"exported {result['checkpoint']} to {result['saved_model']} and {result['keras']}"
 
 
 def _evaluate(config: config_lib.Config, strategy) -> str:
-  from trainer import evaluation
+  """--mode=eval: prints the result, then writes eval.json (a read-only run dir still
+  shows the result before the error)."""
+  from trainer import distribute, evaluation, run_dir
   result = evaluation.evaluate_checkpoint(config, strategy)
   # --eval_flip and an EMA add test_flip_accuracy, test_ema_accuracy, ...
   extras = "".join(f", {key[len('test_'):].replace('_', ' ')} {value:.4f}"
                    for key, value in result.items()
                    if key.startswith("test_") and key.endswith("_accuracy")
                    and key != "test_accuracy")
-  return (f"eval: {result['model']} {result['checkpoint']} (step {result['step']}): "
-          f"test accuracy {result['test_accuracy']:.4f}, loss {result['test_loss']:.4f}"
-          f"{extras} on {result['examples']} images; written to "
-          f"{os.path.join(config.model_dir, run_files.EVAL_FILE)}")
+  print(f"eval: {result['model']} {result['checkpoint']} (step {result['step']}): "
+        f"test accuracy {result['test_accuracy']:.4f}, loss {result['test_loss']:.4f}"
+        f"{extras} on {result['examples']} images", flush=True)
+  if not distribute.is_chief(strategy):
+    return "the chief writes eval.json"
+  run_dir.write_eval(config.model_dir, result)
+  return f"written to {os.path.join(config.model_dir, run_files.EVAL_FILE)}"
 
 
 def _train(config: config_lib.Config, strategy, handler: stop.SignalHandler) -> str:
@@ -303,5 +314,18 @@ def main(argv):
           "TF_CONFIG: the run resumes from the chief's last checkpoint", code=1)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with the trainer's error format: `error: ...`, a hint, exit code 2
+  (absl's own prints "FATAL Flags parsing error" and exits 1)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    message = str(e).removeprefix("ERROR:: ")
+    if "\n" in message:
+      message = "\n" + textwrap.indent(message, "  ")
+    print(f"error: {message}\nsee --help for the flags", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -2,10 +2,16 @@
 run's config.json, room for checkpoints), the checkpoints and their restore with fallback,
 and the run's JSON files, written atomically."""
 
+import contextlib
 import dataclasses
+import datetime
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 
 from absl import logging
@@ -13,7 +19,7 @@ import tensorflow as tf
 
 from trainer import run_files
 from trainer.config import Config
-from trainer.errors import CheckpointError, RunDirError
+from trainer.errors import CheckpointError, RunDirError, UserError
 
 # Settings a checkpoint cannot survive: the architecture, and what maps steps to data.
 INCOMPATIBLE_FIELDS = ("depth", "plain", "stem", "shortcut", "stage_sizes", "stage_widths",
@@ -28,22 +34,124 @@ RUN_OUTPUTS = (run_files.CHECKPOINT_SUBDIR, run_files.BEST_SUBDIR, run_files.TRA
 SPARE_BYTES = 64 << 20
 
 
+class RunLock:
+  """Makes one trainer the owner of a run dir for its life: run.lock, held with flock(2).
+
+  The kernel drops the lock when its process dies however it dies (kill -9 included), and
+  a network file system when the holder's lease expires (a lost machine), so a lock file
+  whose lock nobody holds is stale: the next trainer takes it over with a warning. The
+  file names the holder, for the error a second trainer gets.
+  """
+
+  def __init__(self, model_dir: str):
+    self.model_dir = model_dir
+    self.path = os.path.join(model_dir, run_files.LOCK_FILE)
+    self.fd: int | None = None
+
+  def acquire(self) -> None:
+    """Takes the lock, or raises RunDirError naming the process that holds it."""
+    while self.fd is None:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+          raise RunDirError(f"cannot lock {self.path}: {e.strerror}") from None
+        raise RunDirError(f"--model_dir={self.model_dir} is in use by {self._holder()} "
+                          f"(lock file {self.path}); wait for it to end or stop it, then "
+                          "rerun") from None
+      # A releasing holder may have removed the file between our open and our lock.
+      if os.path.exists(self.path) and os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+        self.fd = fd
+      else:
+        os.close(fd)
+    previous = self._holder()
+    if previous != "an unknown process":
+      logging.warning("%s was left by %s, which ended without releasing it; taking it over",
+                      self.path, previous)
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    os.ftruncate(self.fd, 0)
+    os.pwrite(self.fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                   "started": started, "command": sys.argv}).encode(), 0)
+
+  def _holder(self) -> str:
+    try:
+      with open(self.path) as f:
+        info = json.load(f)
+      return f"process {info['pid']} on {info['host']} since {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+      return "an unknown process"
+
+  def release(self) -> None:
+    if self.fd is None:
+      return
+    try:
+      os.remove(self.path)
+    except OSError:
+      pass  # The run dir itself may be gone (a refused run's empty dir is removed).
+    os.close(self.fd)
+    self.fd = None
+
+  def __enter__(self) -> "RunLock":
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
 def write_json_atomically(path: str, payload: dict) -> None:
-  """Writes JSON so that a crash leaves either the old or the new file, never half."""
+  """Writes JSON so that a crash leaves either the old or the new file, never half.
+
+  Raises:
+    RunDirError: when the file cannot be written (full disk, read-only directory).
+  """
   tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(payload, f, indent=2, sort_keys=True)
+      f.write("\n")
+    os.replace(tmp, path)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise RunDirError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def read_json(path: str, what: str) -> dict | None:
+  """The JSON object in `path`, or None when there is no such file.
+
+  Raises:
+    RunDirError: when the file is unreadable or holds no JSON object; `what` says which
+      file of the run it is, for the message.
+  """
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      payload = json.load(f)
+  except (OSError, ValueError) as e:
+    raise RunDirError(f"{path} ({what}) is unreadable: {str(e)[:200]}. Fix or remove it, or "
+                      "pass --overwrite to start the run afresh") from None
+  if not isinstance(payload, dict):
+    raise RunDirError(f"{path} ({what}) holds {type(payload).__name__}, not a JSON object. "
+                      "Fix or remove it, or pass --overwrite to start the run afresh")
+  return payload
 
 
 def read_history(model_dir: str) -> list[dict]:
   """The per-epoch records of history.json ([] when there are none)."""
   path = os.path.join(model_dir, run_files.HISTORY_FILE)
-  if not os.path.exists(path):
+  payload = read_json(path, "the run's per-epoch history")
+  if payload is None:
     return []
-  with open(path) as f:
-    return json.load(f)["history"]
+  history = payload.get("history")
+  if not isinstance(history, list) or not all(
+      isinstance(h, dict) and isinstance(h.get("step"), int) for h in history):
+    raise RunDirError(f"{path} (the run's per-epoch history) has no list of epoch records "
+                      "with steps. Fix or remove it, or pass --overwrite to start afresh")
+  return history
 
 
 def write_history(model_dir: str, history: list[dict]) -> None:
@@ -62,17 +170,40 @@ def write_eval(model_dir: str, result: dict) -> None:
   write_json_atomically(os.path.join(model_dir, run_files.EVAL_FILE), result)
 
 
-def prepare(model_dir: str, config: Config) -> None:
-  """Makes model_dir ready for this run: writable, emptied with --overwrite, and holding
-  no run with incompatible settings.
+@contextlib.contextmanager
+def claim(model_dir: str, *, lock: bool = True):
+  """Makes model_dir (checked writable) this process's for the block: holds its RunLock,
+  and when the block refuses the run (a UserError) removes the dir if it made it and it
+  is still empty, so a refused run leaves nothing behind."""
+  created = not os.path.isdir(model_dir)
+  check_writable(model_dir)
+  run_lock = RunLock(model_dir) if lock else None
+  refused = False
+  try:
+    if run_lock:
+      run_lock.acquire()
+    yield
+  except UserError:
+    refused = True
+    raise
+  finally:
+    if run_lock:
+      run_lock.release()
+    if refused and created:
+      with contextlib.suppress(OSError):
+        os.rmdir(model_dir)
+
+
+def prepare(model_dir: str, config: Config, precision: str) -> None:
+  """Makes model_dir ready for this run: emptied with --overwrite, and holding no run
+  with incompatible settings.
 
   Raises:
     RunDirError: naming what is wrong and what to do.
   """
-  check_writable(model_dir)
   if config.overwrite:
     clear_run(model_dir)
-  check_compatible(model_dir, config)
+  check_compatible(model_dir, config, precision)
 
 
 def check_writable(model_dir: str) -> None:
@@ -81,7 +212,7 @@ def check_writable(model_dir: str) -> None:
     os.makedirs(model_dir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=model_dir):
       pass
-  except OSError as e:
+  except (OSError, ValueError) as e:
     raise RunDirError(f"--model_dir={model_dir} is not writable: {e.strerror or e}") from None
 
 
@@ -105,17 +236,26 @@ def check_free_space(model_dir: str, checkpoint_bytes: int, keep: int) -> None:
                       f"({keep} kept + the best + one being written)")
 
 
-def check_compatible(model_dir: str, config: Config) -> None:
-  """Refuses to continue a run whose saved config.json differs in incompatible settings.
+def _variable_settings(settings: dict, precision: str | None) -> dict[str, str]:
+  """The settings that add or remove checkpoint variables, as the user would name them."""
+  ema = settings.get("ema_decay") or 0
+  return {"ema_decay": f"{ema} ({'with' if ema else 'no'} moving-average variables)",
+          "precision": f"{precision} ({'with' if precision == 'mixed_float16' else 'no'} "
+                       "loss-scale variables)"}
+
+
+def check_compatible(model_dir: str, config: Config, precision: str) -> None:
+  """Refuses to continue a run whose saved config.json differs in incompatible settings:
+  the architecture and the data order, and what changes the checkpoint's variables (an
+  EMA, float16's loss scale).
 
   Raises:
     RunDirError: naming each differing setting and how to start afresh.
   """
   path = os.path.join(model_dir, run_files.CONFIG_FILE)
-  if not os.path.exists(path):
+  saved = read_json(path, "the run's settings")
+  if saved is None:
     return
-  with open(path) as f:
-    saved = json.load(f)
   ours = dataclasses.asdict(config)
   differing = []
   for name in INCOMPATIBLE_FIELDS:
@@ -124,6 +264,11 @@ def check_compatible(model_dir: str, config: Config) -> None:
       theirs = tuple(theirs)
     if theirs != mine:
       differing.append(f"--{name}: {theirs!r} in {path}, {mine!r} now")
+  if "precision_resolved" in saved:
+    theirs = _variable_settings(saved, saved["precision_resolved"])
+    mine = _variable_settings(ours, precision)
+    differing += [f"--{name}: {theirs[name]} in {path}, {mine[name]} now" for name in mine
+                  if theirs[name].split(" (")[1] != mine[name].split(" (")[1]]
   if differing:
     raise RunDirError(
         f"--model_dir={model_dir} holds a run with different settings:\n  "
@@ -147,6 +292,30 @@ def clear_run(model_dir: str) -> None:
       os.remove(path)
 
 
+def checkpoint_files(directory: str) -> list[str]:
+  """The checkpoint path prefixes in `directory` found from their own files (ckpt-N.index),
+  newest (largest N) first; for when the index file is missing or damaged."""
+  found = []
+  for path in tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index")):
+    number = os.path.basename(path)[len("ckpt-"):-len(".index")]
+    if number.isdigit():
+      found.append((int(number), path[:-len(".index")]))
+  return [path for _, path in sorted(found, reverse=True)]
+
+
+def _rewrite_index(directory: str, paths: list[str]) -> None:
+  """Writes the checkpoint index (a CheckpointState text proto) listing `paths`, oldest
+  first, each stamped with its file's time, so that a CheckpointManager rotates them."""
+  paths = sorted(paths, key=lambda p: int(p.rsplit("-", 1)[1]))
+  stamps = [tf.io.gfile.stat(f"{p}.index").mtime_nsec / 1e9 for p in paths]
+  lines = [f'model_checkpoint_path: "{os.path.basename(paths[-1])}"']
+  lines += [f'all_model_checkpoint_paths: "{os.path.basename(p)}"' for p in paths]
+  lines += [f"all_model_checkpoint_timestamps: {t!r}" for t in stamps]
+  lines.append(f"last_preserved_timestamp: {min(stamps) - 1.0!r}")
+  with tf.io.gfile.GFile(os.path.join(directory, "checkpoint"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
 class Checkpoints:
   """The run's rolling checkpoints (checkpoints/) and its best one (best/).
 
@@ -160,15 +329,12 @@ class Checkpoints:
 
   def __init__(self, checkpoint: tf.train.Checkpoint, out_dir: str, restore_dir: str,
                keep: int):
-    self.checkpoint = checkpoint
-    self.manager = tf.train.CheckpointManager(
-        checkpoint, os.path.join(out_dir, run_files.CHECKPOINT_SUBDIR), max_to_keep=keep)
+    self.checkpoint, self.keep = checkpoint, keep
+    self.directory = os.path.join(out_dir, run_files.CHECKPOINT_SUBDIR)
+    self.restore_directory = os.path.join(restore_dir, run_files.CHECKPOINT_SUBDIR)
+    self.manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=keep)
     self.best = tf.train.CheckpointManager(
         checkpoint, os.path.join(out_dir, run_files.BEST_SUBDIR), max_to_keep=1)
-    self.restore_manager = self.manager if out_dir == restore_dir else (
-        tf.train.CheckpointManager(
-            checkpoint, os.path.join(restore_dir, run_files.CHECKPOINT_SUBDIR),
-            max_to_keep=keep))
 
   @property
   def latest(self) -> str | None:
@@ -179,6 +345,24 @@ class Checkpoints:
 
   def save_best(self, step: int) -> str:
     return self.best.save(checkpoint_number=step)
+
+  def candidates(self) -> list[str]:
+    """Every checkpoint of the restore dir, newest first: those the index lists and those
+    found from their files (the index may be missing, damaged or out of date)."""
+    listed = tf.train.CheckpointManager(self.checkpoint, self.restore_directory,
+                                        max_to_keep=self.keep).checkpoints
+    found = checkpoint_files(self.restore_directory)
+    unlisted = [p for p in found if p not in listed]
+    if unlisted:
+      logging.warning("the checkpoint index %s is missing, damaged or out of date; found %s "
+                      "from their files", os.path.join(self.restore_directory, "checkpoint"),
+                      ", ".join(os.path.basename(p) for p in unlisted))
+      if self.restore_directory == self.directory:
+        # Rebuilt, so that rotation keeps deleting the oldest of them.
+        _rewrite_index(self.directory, sorted(set(found) | set(listed)))
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory,
+                                                  max_to_keep=self.keep)
+    return sorted(set(found) | set(listed), key=lambda p: -int(p.rsplit("-", 1)[1]))
 
   def restore_latest(self) -> str | None:
     """Restores the newest checkpoint that reads back, falling back to older ones.
@@ -191,7 +375,7 @@ class Checkpoints:
     Raises:
       CheckpointError: when checkpoints exist but none reads back.
     """
-    candidates = list(reversed(self.restore_manager.checkpoints))
+    candidates = self.candidates()
     for path in candidates:
       try:
         self.checkpoint.restore(path).assert_existing_objects_matched()
@@ -201,9 +385,9 @@ class Checkpoints:
         logging.warning("checkpoint %s is unreadable (%s: %s); trying an older one", path,
                         type(e).__name__, str(e).splitlines()[0][:200])
     if candidates:
-      raise CheckpointError(f"none of the checkpoints in {self.restore_manager.directory} "
-                            "could be restored; see the warnings above (use --overwrite to "
-                            "start afresh)")
+      raise CheckpointError(f"none of the checkpoints in {self.restore_directory} could be "
+                            "restored; see the warnings above (use --overwrite to start "
+                            "afresh)")
     return None
 
 
@@ -216,7 +400,9 @@ def resolve_checkpoint(model_dir: str, which: str) -> str:
   if which in ("latest", "best"):
     subdir = run_files.CHECKPOINT_SUBDIR if which == "latest" else run_files.BEST_SUBDIR
     directory = os.path.join(model_dir, subdir)
-    path = tf.train.latest_checkpoint(directory)
+    # The index may be missing or damaged: the newest checkpoint file then stands in.
+    path = tf.train.latest_checkpoint(directory) or next(iter(checkpoint_files(directory)),
+                                                         None)
     if path is None and which == "best":
       logging.info("no best checkpoint in %s; using the latest", directory)
       return resolve_checkpoint(model_dir, "latest")
@@ -240,7 +426,11 @@ def restore_for_inference(checkpoint: tf.train.Checkpoint, path: str, model_name
   """
   try:
     checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
-  except (tf.errors.OpError, AssertionError, ValueError) as e:
+  except (tf.errors.OpError, AssertionError, ValueError, IndexError, KeyError) as e:
+    if isinstance(e, (tf.errors.DataLossError, IndexError)) or "corrupted" in str(e):
+      raise CheckpointError(f"{path} is damaged ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}); pick another with "
+                            "--checkpoint=PATH_PREFIX") from None
     raise CheckpointError(
         f"cannot restore {path} into {model_name} ({type(e).__name__}); was it trained "
         f"with other {settings} settings?") from None

@@ -24,6 +24,13 @@ class State:
   wall_seconds: tf.Variable   # wall time of the run up to the checkpoint
   ema: list = dataclasses.field(default_factory=list)  # moving average, when ema_decay
 
+  def all_finite(self) -> bool:
+    """Whether every float variable of the model, the optimizer and the average is finite
+    (one reduction in the graph; checked before every save)."""
+    variables = [v for v in self.model.variables + self.optimizer.variables + self.ema
+                 if tf.as_dtype(v.dtype).is_floating]
+    return bool(_all_finite(variables))
+
   def checkpoint_bytes(self) -> int:
     """The size of one checkpoint's tensors."""
     variables = self.model.variables + self.optimizer.variables
@@ -118,3 +125,8 @@ def _swap_ema(state: State) -> None:
     current = tf.identity(variable)
     variable.assign(average)
     average.assign(current)
+
+
+@tf.function
+def _all_finite(variables: list) -> tf.Tensor:
+  return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables])

@@ -14,7 +14,7 @@ from input_pipeline import pipeline
 from trainer import (data, distribute, evaluation, metrics, run_dir, run_files, schedule, steps,
                      summaries)
 from trainer.config import REFERENCE_BATCH_SIZE, Config
-from trainer.errors import TrainingError
+from trainer.errors import ConfigError, RunDirError, TrainingError
 from trainer.state import State, build_state
 from trainer.stop import StopRequest, Stopped
 
@@ -29,9 +29,11 @@ class Hardware:
 
 @dataclasses.dataclass
 class Outcome:
-  """What a finished run leaves: its metrics (as in metrics.json) and its trained state."""
+  """What a finished run leaves: its metrics (as in metrics.json), its trained state, and
+  where this process wrote (the model dir, or a non-chief worker's removed scratch dir)."""
   metrics: dict
   state: State
+  out_dir: str
 
 
 def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
@@ -70,43 +72,54 @@ def _train(config: Config, strategy: tf.distribute.Strategy, out_dir: str, chief
            stop_request: StopRequest | None) -> Outcome:
   """The run, writing to `out_dir` (the model dir on the chief)."""
   wall_start = time.time()
-  _set_op_determinism(config.deterministic)
-  splits = data.load(config)
-  plan = schedule.make_plan(config, replicas=strategy.num_replicas_in_sync,
-                            num_train=splits.train.num_examples,
-                            num_eval=splits.evaluation.num_examples,
-                            num_test=splits.test.num_examples)
-  hardware = resolve_hardware(config, strategy)
-  run_dir.prepare(out_dir, config)
-  state = build_state(config, strategy, len(splits.class_names), plan, hardware.precision)
-  run_dir.check_free_space(out_dir, state.checkpoint_bytes(), config.keep_checkpoints)
-  settings = {**dataclasses.asdict(config),
-              **_resolved_settings(config, strategy, plan, hardware, splits, state)}
-  if chief:
-    run_dir.write_config(out_dir, settings)
-  _log_plan(config, strategy, plan, hardware)
-  checkpoints = run_dir.Checkpoints(
-      state.checkpoint, out_dir, out_dir if chief or config.overwrite else config.model_dir,
-      config.keep_checkpoints)
-  start_step = _restore(checkpoints, state, plan)
-  loop = Loop(config, strategy, state, splits, plan, hardware, checkpoints,
-              RunPlace(out_dir, chief, start_step, wall_start), stop_request)
-  loop.summaries.run_info(settings, start_step)
-  loop.run()
-  final = loop.final_test()
-  result = loop.final_metrics(final)
-  if chief:
-    run_dir.write_metrics(out_dir, result)
-  return Outcome(result, state)
+  # The chief owns the model dir for the run's life; other workers write a scratch dir.
+  with run_dir.claim(out_dir, lock=chief):
+    _set_op_determinism(config.deterministic)
+    splits = data.load(config)
+    plan = schedule.make_plan(config, replicas=strategy.num_replicas_in_sync,
+                              num_train=splits.train.num_examples,
+                              num_eval=splits.evaluation.num_examples,
+                              num_test=splits.test.num_examples)
+    hardware = resolve_hardware(config, strategy)
+    run_dir.prepare(out_dir, config, hardware.precision)
+    state = build_state(config, strategy, len(splits.class_names), plan, hardware.precision)
+    run_dir.check_free_space(out_dir, state.checkpoint_bytes(), config.keep_checkpoints)
+    checkpoints = run_dir.Checkpoints(
+        state.checkpoint, out_dir, out_dir if chief or config.overwrite else config.model_dir,
+        config.keep_checkpoints)
+    start_step = _restore(checkpoints, state, plan)
+    settings = {**dataclasses.asdict(config),
+                **_resolved_settings(config, strategy, plan, hardware, splits, state)}
+    if chief:  # Only now: a run that cannot restore its checkpoints writes nothing.
+      run_dir.write_config(out_dir, settings)
+    _log_plan(config, strategy, plan, hardware)
+    loop = Loop(config, strategy, state, splits, plan, hardware, checkpoints,
+                RunPlace(out_dir, chief, start_step, wall_start), stop_request)
+    loop.summaries.run_info(settings, start_step)
+    loop.run()
+    result = loop.final_metrics(loop.final_test())
+    if chief:
+      run_dir.write_metrics(out_dir, result)
+  return Outcome(result, state, out_dir)
 
 
 def resolve_hardware(config: Config, strategy: tf.distribute.Strategy) -> Hardware:
-  """Resolves --precision, --jit_compile and --steps_per_execution for the strategy."""
-  return Hardware(
+  """Resolves --precision, --jit_compile and --steps_per_execution for the strategy.
+
+  Raises:
+    ConfigError: for --deterministic with XLA on the imagenet stem (also when "auto"
+      chose XLA, as on a GPU).
+  """
+  hardware = Hardware(
       precision=distribute.resolve_precision(config.precision, strategy),
       jit_compile=distribute.resolve_jit_compile(config.jit_compile, strategy),
       steps_per_execution=distribute.resolve_steps_per_execution(
           config.steps_per_execution, strategy))
+  if config.deterministic and hardware.jit_compile and config.stem == "imagenet":
+    raise ConfigError(f"--deterministic cannot be combined with XLA (--jit_compile="
+                      f"{config.jit_compile}, on here) for --stem=imagenet: XLA has no "
+                      "deterministic max-pool gradient; pass --jit_compile=false")
+  return hardware
 
 
 def _resolved_settings(config: Config, strategy: tf.distribute.Strategy,
@@ -204,6 +217,7 @@ class Loop:
                              default=-1.0)
     self.previous_wall = float(state.wall_seconds.numpy())
     self.step = self.saved_step = self.interval_step = place.start_step
+    self.finite_step = place.start_step  # the last step whose weights were checked finite
     self.interval_start = time.time()
     self.first_call = True
     self.epoch_means = metrics.EpochMeans()
@@ -323,21 +337,42 @@ class Loop:
     self.interval_start = time.time()
 
   def _check_finite(self) -> None:
+    """Raises TrainingError once the loss or any weight is NaN or Inf; the last checkpoint
+    is then the last finite one, since nothing is saved without this check."""
     bad = self.steps.first_non_finite_step()
     if bad:
-      raise TrainingError(
-          f"the training loss became NaN or Inf at step {bad} (learning rate "
-          f"{float(self.state.optimizer.learning_rate.numpy()):.4g} at step {self.step}); "
-          f"stopped without saving. The last good checkpoint is "
-          f"{self.checkpoints.latest or 'none yet'}. Lower --learning_rate or raise "
-          "--warmup_epochs, then rerun (it resumes from that checkpoint).")
+      what = f"the training loss became NaN or Inf at step {bad}"
+    elif not self.state.all_finite():
+      what = (f"the weights became NaN or Inf between step {self.finite_step} and step "
+              f"{self.step} (the loss was still finite)")
+    else:
+      self.finite_step = self.step
+      return
+    latest = self.checkpoints.latest
+    resume = (f"The last good checkpoint is {latest}: rerun (e.g. with a lower "
+              "--learning_rate or a longer --warmup_epochs) to resume from it."
+              if latest else "No checkpoint was saved: a rerun starts from step 0 (e.g. "
+              "with a lower --learning_rate or a longer --warmup_epochs).")
+    raise TrainingError(
+        f"{what} (learning rate "
+        f"{float(self.state.optimizer.learning_rate.numpy()):.4g} at step {self.step}); "
+        f"stopped without saving. {resume}")
 
   def _save(self) -> None:
     self._check_finite()
     self.sync_replicas()
     self.state.step.assign(self.step)
     self.state.wall_seconds.assign(self._wall_seconds())
-    self.checkpoints.save(self.step)
+    try:
+      self.checkpoints.save(self.step)
+    except (tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError,
+            OSError) as e:
+      reason = getattr(e, "message", None) or str(e)
+      raise RunDirError(
+          f"could not save the checkpoint of step {self.step} ({type(e).__name__}: "
+          f"{reason.splitlines()[0][:200]}). The last good checkpoint is "
+          f"{self.checkpoints.latest or 'none'}: free some space (or fix the permissions), "
+          "then rerun to resume from it.") from None
     self.saved_step = self.step
 
   def _wall_seconds(self) -> float:
