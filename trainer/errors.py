@@ -28,6 +28,10 @@ class CheckpointError(RunDirError):
   """No usable checkpoint where one is needed; the message says what to do."""
 
 
+class ExportError(UserError):
+  """The export cannot be written where asked, or does not reproduce its checkpoint."""
+
+
 class TrainingError(Exception):
   """Training cannot go on (e.g. the loss diverged); the last good checkpoint is kept.
   Not a UserError: trainer/main.py exits with code 1."""

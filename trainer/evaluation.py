@@ -5,7 +5,7 @@ import keras
 import tensorflow as tf
 
 from input_pipeline import pipeline, sources
-from trainer import data, distribute, metrics, run_dir, schedule
+from trainer import data, distribute, errors, metrics, run_dir, schedule
 from trainer.config import Config
 from trainer.state import State, build_state, ema_weights
 
@@ -87,10 +87,26 @@ def evaluate_checkpoint(config: Config, strategy: tf.distribute.Strategy) -> dic
                             num_eval=splits.test.num_examples)
   precision = distribute.resolve_precision(config.precision, strategy)
   state = build_state(config, strategy, len(splits.class_names), plan, precision)
-  run_dir.restore_for_inference(state.checkpoint, path, state.model.name)
+  path = _restore(state, config, path)
   results = make_evaluator(strategy, state, splits.test, plan, config,
                            plan.eval_steps).evaluate()
   return {"checkpoint": path, "step": int(state.step.numpy()), "model": state.model.name,
           **{f"test_{k}": v for k, v in results.items()},
           "examples": min(splits.test.num_examples,
                           plan.eval_steps * config.global_batch_size)}
+
+
+def _restore(state: State, config: Config, path: str, attempts: int = 5) -> str:
+  """Restores `path`; for "latest" of a run still training, whose rotation may delete
+  the checkpoint between finding and reading it, the newest one then. Returns the path
+  restored."""
+  for _ in range(attempts - 1):
+    try:
+      run_dir.restore_for_inference(state.checkpoint, path, state.model.name)
+      return path
+    except errors.CheckpointError:
+      if (config.checkpoint or "latest") != "latest" or tf.io.gfile.exists(f"{path}.index"):
+        raise
+      path = run_dir.resolve_checkpoint(config.model_dir, "latest")
+  run_dir.restore_for_inference(state.checkpoint, path, state.model.name)
+  return path

@@ -53,6 +53,7 @@ class _LayerOptions:
   bn_momentum: float
   sync_batch_norm: bool
   zero_init_residual: bool
+  portable: bool = False
 
 
 def _conv(x, filters: int, kernel: int, strides: int, name: str):
@@ -91,7 +92,24 @@ def _shortcut(x, out_channels: int, strides: int, arch: Architecture,
     # A 1x1 average-pool with stride 2 is exactly x[:, ::2, ::2, :] (and, unlike max-pool,
     # has a deterministic XLA gradient).
     x = layers.AveragePooling2D(1, strides, name=f"{name}_shortcut_subsample")(x)
+  if opts.portable:
+    return _stock_channel_zero_pad(x, out_channels, f"{name}_shortcut_pad")
   return ChannelZeroPad(out_channels, name=f"{name}_shortcut_pad")(x)
+
+
+def _stock_channel_zero_pad(x, channels: int, name: str):
+  """ChannelZeroPad from stock Keras layers only, so a saved model loads without this
+  module. Pure data movement (no arithmetic): its output equals ChannelZeroPad's exactly.
+  """
+  height, width, in_channels = x.shape[1:]
+  if in_channels > channels:
+    raise ValueError(f"{name}: cannot zero-pad {in_channels} channels down to {channels}")
+  extra = channels - in_channels
+  # Channels as the third spatial axis of a one-channel volume: ZeroPadding3D pads it.
+  x = layers.Reshape((height, width, in_channels, 1), name=f"{name}_to_volume")(x)
+  x = layers.ZeroPadding3D(((0, 0), (0, 0), (extra // 2, extra - extra // 2)),
+                           name=name)(x)
+  return layers.Reshape((height, width, channels), name=f"{name}_to_image")(x)
 
 
 def basic_block(x, filters: int, strides: int, arch: Architecture, opts: _LayerOptions,
@@ -130,7 +148,7 @@ def build_model(arch: Architecture, *, num_classes: int = 10,
                 input_mean: Sequence[float] | None = None,
                 input_std: Sequence[float] | None = None,
                 bn_momentum: float = 0.9, sync_batch_norm: bool = False,
-                zero_init_residual: bool = False) -> keras.Model:
+                zero_init_residual: bool = False, portable: bool = False) -> keras.Model:
   """Builds the network an Architecture describes.
 
   The model takes uint8 images; its first layer, `normalize`, computes
@@ -147,41 +165,30 @@ def build_model(arch: Architecture, *, num_classes: int = 10,
     sync_batch_norm: batch statistics over all replicas.
     zero_init_residual: start the last batch-norm gamma of each residual branch at 0
       (residual nets only: plain nets have no residual branch).
+    portable: build option A's channel padding from stock Keras layers instead of
+      ChannelZeroPad, so a saved .keras file loads where this module cannot be imported
+      (exports). Same outputs and the same variable paths, so checkpoints restore into
+      either build; training uses the default build.
   Returns:
     a functional Keras model from uint8 images [B, 32, 32, 3] to float32 logits
     [B, num_classes].
   Raises:
     ValueError: for inconsistent input statistics.
   """
-  if (input_mean is None) != (input_std is None):
-    raise ValueError("give both input_mean and input_std, or neither")
-  mean = tuple(DEFAULT_INPUT_MEAN if input_mean is None else input_mean)
-  std = tuple(DEFAULT_INPUT_STD if input_std is None else input_std)
-  if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-    raise ValueError(f"input_mean and input_std need 3 values each, std > 0; got {mean} "
-                     f"and {std}")
+  mean, std = _input_statistics(input_mean, input_std)
   # Keras maps a functional graph recursively, one Python frame per layer on the longest
   # path; ResNet-1202 (about 4,200 layers) would exceed Python's default limit of 1,000.
   needed = 2_000 + 12 * sum(arch.stage_sizes)
   if sys.getrecursionlimit() < needed:
     sys.setrecursionlimit(needed)
 
-  opts = _LayerOptions(bn_momentum, sync_batch_norm, zero_init_residual)
+  opts = _LayerOptions(bn_momentum, sync_batch_norm, zero_init_residual, portable)
   inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")
   # float32 whatever the policy: pixel statistics lose precision in bfloat16, and the
   # stem convolution casts its input to the compute dtype anyway.
   x = layers.Normalization(mean=list(mean), variance=[s * s for s in std],
                            dtype="float32", name="normalize")(inputs)
-  if arch.stem == "imagenet":
-    x = _conv(x, arch.stage_widths[0], 7, 2, "stem_conv")
-    x = layers.ReLU(name="stem_relu")(_bn(x, opts, "stem_bn"))
-    # Zero padding is neutral for a max-pool after a ReLU (inputs >= 0); symmetric like
-    # the strided convolutions.
-    x = layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
-    x = layers.MaxPooling2D(3, 2, name="stem_pool")(x)
-  else:
-    x = _conv(x, arch.stage_widths[0], 3, 1, "stem_conv")
-    x = layers.ReLU(name="stem_relu")(_bn(x, opts, "stem_bn"))
+  x = _stem(x, arch, opts)
   block_fn = _BLOCKS[arch.block]
   for stage, (num_blocks, width) in enumerate(zip(arch.stage_sizes, arch.stage_widths)):
     for block in range(num_blocks):
@@ -193,6 +200,32 @@ def build_model(arch: Architecture, *, num_classes: int = 10,
                         name="head_dense")(x)
   name = f"{'plain' if arch.plain else 'resnet'}{arch.depth}"
   return keras.Model(inputs, logits, name=name)
+
+
+def _input_statistics(input_mean: Sequence[float] | None, input_std: Sequence[float] | None
+                      ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  if (input_mean is None) != (input_std is None):
+    raise ValueError("give both input_mean and input_std, or neither")
+  mean = tuple(DEFAULT_INPUT_MEAN if input_mean is None else input_mean)
+  std = tuple(DEFAULT_INPUT_STD if input_std is None else input_std)
+  if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+    raise ValueError(f"input_mean and input_std need 3 values each, std > 0; got {mean} "
+                     f"and {std}")
+  return mean, std
+
+
+def _stem(x, arch: Architecture, opts: _LayerOptions):
+  """cifar: 3x3 stride-1 convolution; imagenet: 7x7 stride 2 and a 3x3 stride-2 max-pool."""
+  if arch.stem == "imagenet":
+    x = _conv(x, arch.stage_widths[0], 7, 2, "stem_conv")
+    x = layers.ReLU(name="stem_relu")(_bn(x, opts, "stem_bn"))
+    # Zero padding is neutral for a max-pool after a ReLU (inputs >= 0); symmetric like
+    # the strided convolutions.
+    x = layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
+    x = layers.MaxPooling2D(3, 2, name="stem_pool")(x)
+    return x
+  x = _conv(x, arch.stage_widths[0], 3, 1, "stem_conv")
+  return layers.ReLU(name="stem_relu")(_bn(x, opts, "stem_bn"))
 
 
 def build_resnet(depth: int, *, plain: bool = False, num_classes: int = 10,

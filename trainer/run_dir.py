@@ -238,7 +238,7 @@ def check_free_space(model_dir: str, checkpoint_bytes: int, keep: int) -> None:
 
 def _variable_settings(settings: dict, precision: str | None) -> dict[str, str]:
   """The settings that add or remove checkpoint variables, as the user would name them."""
-  ema = settings.get("ema_decay") or 0
+  ema = float(settings.get("ema_decay") or 0.0)
   return {"ema_decay": f"{ema} ({'with' if ema else 'no'} moving-average variables)",
           "precision": f"{precision} ({'with' if precision == 'mixed_float16' else 'no'} "
                        "loss-scale variables)"}
@@ -330,6 +330,7 @@ class Checkpoints:
   def __init__(self, checkpoint: tf.train.Checkpoint, out_dir: str, restore_dir: str,
                keep: int):
     self.checkpoint, self.keep = checkpoint, keep
+    self.index_stale = False
     self.directory = os.path.join(out_dir, run_files.CHECKPOINT_SUBDIR)
     self.restore_directory = os.path.join(restore_dir, run_files.CHECKPOINT_SUBDIR)
     self.manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=keep)
@@ -357,12 +358,17 @@ class Checkpoints:
       logging.warning("the checkpoint index %s is missing, damaged or out of date; found %s "
                       "from their files", os.path.join(self.restore_directory, "checkpoint"),
                       ", ".join(os.path.basename(p) for p in unlisted))
-      if self.restore_directory == self.directory:
-        # Rebuilt, so that rotation keeps deleting the oldest of them.
-        _rewrite_index(self.directory, sorted(set(found) | set(listed)))
-        self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory,
-                                                  max_to_keep=self.keep)
+    self.index_stale = bool(unlisted)
     return sorted(set(found) | set(listed), key=lambda p: -int(p.rsplit("-", 1)[1]))
+
+  def _repair_index(self) -> None:
+    """Rebuilds a stale index of this process's own checkpoints, so that rotation keeps
+    deleting the oldest of them (only after a restore succeeded: a refused run writes
+    nothing)."""
+    if self.index_stale and self.restore_directory == self.directory:
+      _rewrite_index(self.directory, checkpoint_files(self.directory))
+      self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory,
+                                                max_to_keep=self.keep)
 
   def restore_latest(self) -> str | None:
     """Restores the newest checkpoint that reads back, falling back to older ones.
@@ -379,6 +385,7 @@ class Checkpoints:
     for path in candidates:
       try:
         self.checkpoint.restore(path).assert_existing_objects_matched()
+        self._repair_index()
         return path
       # A truncated file surfaces as an OpError, or as IndexError from the reader.
       except (tf.errors.OpError, AssertionError, ValueError, IndexError, KeyError) as e:

@@ -24,12 +24,14 @@ class State:
   wall_seconds: tf.Variable   # wall time of the run up to the checkpoint
   ema: list = dataclasses.field(default_factory=list)  # moving average, when ema_decay
 
-  def all_finite(self) -> bool:
-    """Whether every float variable of the model, the optimizer and the average is finite
-    (one reduction in the graph; checked before every save)."""
+  def health(self) -> tuple[bool, float]:
+    """Whether every float variable of the model, the optimizer and the average is finite,
+    and the global norm of the trainable weights (one graph call; checked before every
+    save)."""
     variables = [v for v in self.model.variables + self.optimizer.variables + self.ema
                  if tf.as_dtype(v.dtype).is_floating]
-    return bool(_all_finite(variables))
+    finite, norm = _health(variables, self.model.trainable_variables)
+    return bool(finite), float(norm)
 
   def checkpoint_bytes(self) -> int:
     """The size of one checkpoint's tensors."""
@@ -56,13 +58,14 @@ def decayed_variables(model: keras.Model) -> list:
   return [v for v in model.trainable_variables if v.path.endswith("/kernel")]
 
 
-def build_model(config: Config, num_classes: int) -> keras.Model:
-  """The configured network, taking uint8 images normalised with CIFAR-10's statistics."""
+def build_model(config: Config, num_classes: int, *, portable: bool = False) -> keras.Model:
+  """The configured network, taking uint8 images normalised with CIFAR-10's statistics
+  (portable: stock Keras layers only, for exports; the same variables)."""
   return resnet.build_model(
       config.architecture(), num_classes=num_classes,
       input_mean=pipeline.CIFAR10_MEAN, input_std=pipeline.CIFAR10_STD,
       bn_momentum=config.bn_momentum, zero_init_residual=config.zero_init_residual,
-      sync_batch_norm=config.sync_batch_norm)
+      sync_batch_norm=config.sync_batch_norm, portable=portable)
 
 
 def _make_optimizer(config: Config, plan: schedule.Plan,
@@ -128,5 +131,6 @@ def _swap_ema(state: State) -> None:
 
 
 @tf.function
-def _all_finite(variables: list) -> tf.Tensor:
-  return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables])
+def _health(variables: list, weights: list) -> tuple[tf.Tensor, tf.Tensor]:
+  finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables])
+  return finite, tf.linalg.global_norm([tf.cast(w, tf.float32) for w in weights])

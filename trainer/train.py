@@ -3,6 +3,7 @@ run dir, build state, restore, loop, write results); `Loop` owns the cadence of 
 calls, logs, checkpoints and per-epoch evaluation (the step functions are in steps.py)."""
 
 import dataclasses
+import math
 import os
 import tempfile
 import time
@@ -17,6 +18,12 @@ from trainer.config import REFERENCE_BATCH_SIZE, Config
 from trainer.errors import ConfigError, RunDirError, TrainingError
 from trainer.state import State, build_state
 from trainer.stop import StopRequest, Stopped
+
+
+# Weights whose norm grows this many times between two checks (log steps, checkpoints)
+# have diverged even while finite: a sane step changes the norm by a few percent, and a
+# checkpoint of exploded weights would only diverge again on resume.
+WEIGHT_NORM_GROWTH_LIMIT = 100.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +224,8 @@ class Loop:
                              default=-1.0)
     self.previous_wall = float(state.wall_seconds.numpy())
     self.step = self.saved_step = self.interval_step = place.start_step
-    self.finite_step = place.start_step  # the last step whose weights were checked finite
+    # The last step whose weights were checked finite, and their norm then.
+    self.finite_step, self.weight_norm = place.start_step, state.health()[1]
     self.interval_start = time.time()
     self.first_call = True
     self.epoch_means = metrics.EpochMeans()
@@ -340,13 +348,17 @@ class Loop:
     """Raises TrainingError once the loss or any weight is NaN or Inf; the last checkpoint
     is then the last finite one, since nothing is saved without this check."""
     bad = self.steps.first_non_finite_step()
+    finite, norm = self.state.health()
     if bad:
       what = f"the training loss became NaN or Inf at step {bad}"
-    elif not self.state.all_finite():
+    elif not finite or not math.isfinite(norm):
       what = (f"the weights became NaN or Inf between step {self.finite_step} and step "
               f"{self.step} (the loss was still finite)")
+    elif norm > WEIGHT_NORM_GROWTH_LIMIT * self.weight_norm:
+      what = (f"the weights exploded between step {self.finite_step} and step {self.step} "
+              f"(their norm grew from {self.weight_norm:.3g} to {norm:.3g})")
     else:
-      self.finite_step = self.step
+      self.finite_step, self.weight_norm = self.step, norm
       return
     latest = self.checkpoints.latest
     resume = (f"The last good checkpoint is {latest}: rerun (e.g. with a lower "
