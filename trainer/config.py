@@ -160,3 +160,49 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 def _positive(name: str, value) -> None:
   if value <= 0:
     raise ConfigError(f"--{name} must be positive, got {value}")
+
+
+# --mode=eval/export read a run: these settings may differ from the run's (where and how
+# to evaluate or export); those in RUN_DEFINING must equal the run's, since they decide
+# its network and checkpoint; every other setting (the recipe, ...) is the run's own.
+EVAL_OVERRIDES = ("mode", "model_dir", "checkpoint", "export_dir", "eval_flip", "eval_steps",
+                  "data_source", "data_dir", "global_batch_size", "strategy", "num_gpus",
+                  "tpu", "all_reduce", "peer_timeout_seconds", "cpu_devices", "precision",
+                  "jit_compile", "steps_per_execution")
+RUN_DEFINING = ("depth", "plain", "stem", "shortcut", "stage_sizes", "stage_widths",
+                "ema_decay")
+
+
+def for_existing_run(saved: dict, given: dict, source: str) -> tuple[Config, list[str]]:
+  """The Config of an evaluation or export of a run: the run's settings (its config.json,
+  `saved`), with the flags given explicitly where they may differ.
+
+  Args:
+    saved: the run's config.json.
+    given: the flags given explicitly, as Config field values (mode and model_dir too).
+    source: the path of config.json, for messages.
+  Returns:
+    the config, and the given flags that were ignored (training settings).
+  Raises:
+    ConfigError: when a given flag contradicts a setting that defines the run.
+  """
+  names = {field.name for field in dataclasses.fields(Config)}
+  values = {name: tuple(v) if isinstance(v, list) else v
+            for name, v in saved.items() if name in names}
+  contradicting = [f"--{name}={_flag_text(given[name])} (the run in {source} has "
+                   f"--{name}={_flag_text(values.get(name))})"
+                   for name in RUN_DEFINING if name in given and given[name] != values.get(name)]
+  if contradicting:
+    raise ConfigError(f"{', '.join(contradicting)}: leave the flag out to use the run's "
+                      "value")
+  values.update({name: value for name, value in given.items() if name in EVAL_OVERRIDES})
+  values.update(overwrite=False)
+  ignored = sorted(name for name in given
+                   if name not in EVAL_OVERRIDES and name not in RUN_DEFINING)
+  return Config(**values), ignored
+
+
+def _flag_text(value) -> str:
+  if isinstance(value, (tuple, list)):
+    return ",".join(map(str, value))
+  return str(value)

@@ -135,12 +135,13 @@ _INT_TUPLES = ("stage_sizes", "stage_widths", "profile_steps")
 def config_from_flags() -> config_lib.Config:
   """Builds the Config from the parsed flags (flag names equal field names).
 
-  A field takes its flag's value when the flag was given, else the recipe's value, else
-  the flag's default.
+  Training: a field takes its flag's value when the flag was given, else the recipe's
+  value, else the flag's default. --mode=eval/export of an existing run: the run's own
+  settings (its config.json), with the given flags where they may differ.
   """
   from trainer import recipes
   recipe = recipes.RECIPES[FLAGS.recipe]
-  values = {}
+  values, given = {}, {}
   for field in config_lib.Config.__dataclass_fields__:
     flag = FLAGS[field]
     value = flag.value if flag.present or field not in recipe else recipe[field]
@@ -151,7 +152,17 @@ def config_from_flags() -> config_lib.Config:
         raise config_lib.ConfigError(f"--{field} must be comma-separated integers, got "
                                      f"{','.join(value)}") from None
     values[field] = value
-  return config_lib.Config(**values)
+    if flag.present or field in ("mode", "model_dir"):
+      given[field] = value
+  saved_path = os.path.join(FLAGS.model_dir, run_files.CONFIG_FILE)
+  if FLAGS.mode == "train" or not os.path.exists(saved_path):
+    return config_lib.Config(**values)
+  config, ignored = config_lib.for_existing_run(
+      run_files.read_json(saved_path, "the run's settings"), given, saved_path)
+  if ignored:
+    logging.warning("--mode=%s uses the run's own settings from %s; ignored: %s",
+                    FLAGS.mode, saved_path, ", ".join(f"--{name}" for name in ignored))
+  return config
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -254,8 +265,12 @@ def _train(config: config_lib.Config, strategy, handler: stop.SignalHandler) -> 
 
 def _run(config: config_lib.Config, handler: stop.SignalHandler) -> str:
   """Runs the mode; returns the line that reports its result."""
-  from trainer import distribute
-  logging.info("config: %s", " ".join(f"{k}={v}" for k, v in vars(config).items()))
+  from trainer import console, distribute
+  console.configure(config.model_dir if config.mode == "train" else None)
+  logging.info("%s", console.settings_block(config))
+  if config.mode != "train" and not FLAGS.tf_logs:
+    import tensorflow as tf
+    tf.get_logger().setLevel("ERROR")  # Checkpoint-reading chatter is not the user's news.
   distribute.configure_cpu_devices(config.cpu_devices)
   if config.mode == "export":
     return _export(config)
@@ -314,9 +329,42 @@ def main(argv):
           "TF_CONFIG: the run resumes from the chief's last checkpoint", code=1)
 
 
+USAGE = """Train a ResNet (or its plain twin) on CIFAR-10, evaluate it, or export it.
+
+usage:
+  python -m trainer.main --depth=20 --data_source=folder --data_dir=DIR --model_dir=runs/r20
+  python -m trainer.main --mode=eval --model_dir=runs/r20      # the run's own settings
+  python -m trainer.main --mode=export --model_dir=runs/r20
+Rerunning a training command resumes it from its last checkpoint.
+Exit codes: 0 done, 1 diverged or a peer lost, 2 bad settings, data or run dir,
+130 Ctrl-C, 143 SIGTERM (both save a checkpoint first)."""
+
+
+def _help_text() -> str:
+  """USAGE, then the flags grouped as README's table groups them."""
+  from trainer import console
+  groups = {**console.SETTING_GROUPS, "output": ("tf_logs",)}
+  lines = [USAGE]
+  for group, names in groups.items():
+    lines.append(f"\n{group}:")
+    for name in names:
+      flag = FLAGS[name]
+      default = "" if flag.default is None else f" (default: {flag.default_as_str.strip(chr(39))})"
+      lines.append(f"  --{name}{default}")
+      lines += textwrap.wrap(flag.help, 88, initial_indent="      ",
+                             subsequent_indent="      ")
+  lines.append("\n--helpfull lists every flag, TensorFlow's and absl's too.")
+  return "\n".join(lines)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with the trainer's error format: `error: ...`, a hint, exit code 2
-  (absl's own prints "FATAL Flags parsing error" and exits 1)."""
+  (absl's own prints "FATAL Flags parsing error" and exits 1); --help prints the usage
+  and the grouped flags and exits 0."""
+  if any(arg in ("--help", "-help", "-h", "-?", "--helpshort") for arg in argv[1:]):
+    with contextlib.suppress(BrokenPipeError):  # e.g. `--help | head`
+      print(_help_text(), flush=True)
+    sys.exit(0)
   try:
     return FLAGS(argv)
   except flags.Error as e:

@@ -29,7 +29,7 @@ INCOMPATIBLE_FIELDS = ("depth", "plain", "stem", "shortcut", "stage_sizes", "sta
 RUN_OUTPUTS = (run_files.CHECKPOINT_SUBDIR, run_files.BEST_SUBDIR, run_files.TRAIN_EVENTS,
                run_files.TEST_EVENTS, run_files.VALIDATION_EVENTS, run_files.EXPORT_SUBDIR,
                run_files.CONFIG_FILE, run_files.HISTORY_FILE, run_files.METRICS_FILE,
-               run_files.EVAL_FILE)
+               run_files.EVAL_FILE)  # train.log stays: it records the --overwrite too
 # Room for event files and the JSON files beside the checkpoints.
 SPARE_BYTES = 64 << 20
 
@@ -119,31 +119,10 @@ def write_json_atomically(path: str, payload: dict) -> None:
     raise RunDirError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def read_json(path: str, what: str) -> dict | None:
-  """The JSON object in `path`, or None when there is no such file.
-
-  Raises:
-    RunDirError: when the file is unreadable or holds no JSON object; `what` says which
-      file of the run it is, for the message.
-  """
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path) as f:
-      payload = json.load(f)
-  except (OSError, ValueError) as e:
-    raise RunDirError(f"{path} ({what}) is unreadable: {str(e)[:200]}. Fix or remove it, or "
-                      "pass --overwrite to start the run afresh") from None
-  if not isinstance(payload, dict):
-    raise RunDirError(f"{path} ({what}) holds {type(payload).__name__}, not a JSON object. "
-                      "Fix or remove it, or pass --overwrite to start the run afresh")
-  return payload
-
-
 def read_history(model_dir: str) -> list[dict]:
   """The per-epoch records of history.json ([] when there are none)."""
   path = os.path.join(model_dir, run_files.HISTORY_FILE)
-  payload = read_json(path, "the run's per-epoch history")
+  payload = run_files.read_json(path, "the run's per-epoch history")
   if payload is None:
     return []
   history = payload.get("history")
@@ -253,7 +232,7 @@ def check_compatible(model_dir: str, config: Config, precision: str) -> None:
     RunDirError: naming each differing setting and how to start afresh.
   """
   path = os.path.join(model_dir, run_files.CONFIG_FILE)
-  saved = read_json(path, "the run's settings")
+  saved = run_files.read_json(path, "the run's settings")
   if saved is None:
     return
   ours = dataclasses.asdict(config)

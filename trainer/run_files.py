@@ -1,11 +1,18 @@
 """The names of what a run writes into --model_dir, defined once for the trainer and for
-the scripts that read runs. Pure Python: reading a run must not need TensorFlow."""
+the scripts that read runs, and the reading of its JSON files. Pure Python: reading a run
+must not need TensorFlow."""
+
+import json
+import os
+
+from trainer.errors import RunDirError
 
 CONFIG_FILE = "config.json"     # the Config plus resolved values (steps, replicas, ...)
 HISTORY_FILE = "history.json"   # {"history": [one record per epoch end]}
 METRICS_FILE = "metrics.json"   # the final metrics, written when the run finishes
 EVAL_FILE = "eval.json"         # --mode=eval's result
 LOCK_FILE = "run.lock"          # held by the trainer that owns the directory
+LOG_FILE = "train.log"          # every log line of every command run on the directory
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_SUBDIR = "best"
 EXPORT_SUBDIR = "export"
@@ -26,3 +33,24 @@ EPOCH_ACCURACY_TAG = "epoch_accuracy"
 def eval_split_name(validation_split: int) -> str:
   """The split every epoch is evaluated on: "validation" when one is held out, else "test"."""
   return VALIDATION_EVENTS if validation_split else TEST_EVENTS
+
+
+def read_json(path: str, what: str) -> dict | None:
+  """The JSON object in `path`, or None when there is no such file.
+
+  Raises:
+    RunDirError: when the file is unreadable or holds no JSON object; `what` says which
+      file of the run it is, for the message.
+  """
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      payload = json.load(f)
+  except (OSError, ValueError) as e:
+    raise RunDirError(f"{path} ({what}) is unreadable: {str(e)[:200]}. Fix or remove it, or "
+                      "pass --overwrite to start the run afresh") from None
+  if not isinstance(payload, dict):
+    raise RunDirError(f"{path} ({what}) holds {type(payload).__name__}, not a JSON object. "
+                      "Fix or remove it, or pass --overwrite to start the run afresh")
+  return payload

@@ -156,6 +156,11 @@ def _log_plan(config: Config, strategy: tf.distribute.Strategy, plan: schedule.P
                config.momentum, " (Nesterov)" if config.nesterov else "",
                config.weight_decay, config.label_smoothing,
                f", clipnorm {config.clipnorm}" if config.clipnorm else "")
+  if plan.warmup_steps >= plan.total_steps:
+    logging.warning("the learning-rate warm-up (%d steps, --warmup_epochs=%g) covers the "
+                    "whole run (%d steps): the rate only ever rises, and the run ends at its "
+                    "peak. Lower --warmup_epochs or train more --epochs.", plan.warmup_steps,
+                    config.warmup_epochs, plan.total_steps)
   logging.info("strategy %s, %d replica(s), precision %s, XLA %s, %d step(s) per "
                "execution, global batch %d (%d per replica), learning rate %.4g "
                "(%.4g x %d/%d)", type(strategy).__name__, plan.replicas, hardware.precision,

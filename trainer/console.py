@@ -1,0 +1,82 @@
+"""What a person reads: plain progress lines on the console (absl's full prefix goes to
+train.log in the run dir instead), and the run's settings as a short grouped block."""
+
+import logging as std_logging
+import os
+
+from absl import logging
+
+from trainer import run_files
+from trainer.config import Config
+
+# The settings block: each group a line of the settings people look at first.
+SETTING_GROUPS = {
+    "model": ("depth", "plain", "stem", "shortcut", "stage_sizes", "stage_widths",
+              "bn_momentum", "zero_init_residual", "ema_decay"),
+    "data": ("data_source", "data_dir", "validation_split", "deterministic", "seed"),
+    "recipe": ("recipe", "epochs", "steps_per_epoch", "global_batch_size", "learning_rate",
+               "lr_schedule", "warmup_epochs", "momentum", "nesterov", "weight_decay",
+               "label_smoothing", "clipnorm", "eval_flip", "eval_steps"),
+    "distribution": ("strategy", "cpu_devices", "num_gpus", "tpu", "all_reduce",
+                     "peer_timeout_seconds", "precision", "jit_compile", "steps_per_execution",
+                     "sync_batch_norm"),
+    "run dir": ("mode", "model_dir", "overwrite", "checkpoint", "export_dir",
+                "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                "profile_steps"),
+}
+_FULL_FORMAT = logging.PythonFormatter()
+
+
+class _PlainFormatter(std_logging.Formatter):
+  """The message alone for INFO; "warning: " or "error: " before the others."""
+
+  def format(self, record: std_logging.LogRecord) -> str:
+    message = record.getMessage()
+    if record.levelno >= std_logging.WARNING:
+      return f"{record.levelname.lower()}: {message}"
+    return message
+
+
+class RunLogFile(std_logging.Handler):
+  """Appends every log record, in absl's full format, to MODEL_DIR/train.log, once the
+  run dir exists (earlier records wait in memory, so a refused run leaves no file)."""
+
+  def __init__(self, model_dir: str):
+    super().__init__()
+    self.path = os.path.join(model_dir, run_files.LOG_FILE)
+    self.pending: list[str] = []
+
+  def emit(self, record: std_logging.LogRecord) -> None:
+    self.pending.append(_FULL_FORMAT.format(record))
+    if not os.path.isdir(os.path.dirname(self.path)):
+      return
+    try:
+      with open(self.path, "a") as f:
+        f.write("".join(f"{line}\n" for line in self.pending))
+      self.pending.clear()
+    except OSError:
+      pass  # A read-only or full run dir: the console still has every line.
+
+
+def configure(model_dir: str | None) -> None:
+  """Plain lines on the console; the full format in model_dir/train.log when given."""
+  logging.get_absl_handler().setFormatter(_PlainFormatter())
+  if model_dir:
+    std_logging.getLogger().addHandler(RunLogFile(model_dir))
+
+
+def settings_block(config: Config) -> str:
+  """The settings, one line per group, only what is set (None and False left out)."""
+  settings = vars(config)
+  lines = []
+  for group, names in SETTING_GROUPS.items():
+    shown = [f"{name}={_text(settings[name])}" for name in names
+             if settings[name] is not None and settings[name] is not False]
+    lines.append(f"  {group + ':':<14}{' '.join(shown)}")
+  return "settings:\n" + "\n".join(lines)
+
+
+def _text(value) -> str:
+  if isinstance(value, (tuple, list)):
+    return ",".join(map(str, value))
+  return str(value)
