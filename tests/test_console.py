@@ -1,0 +1,103 @@
+"""What a person meets: eval and export from the run dir alone, a console without absl's
+prefixes (the full format in train.log), --help for users, and the warm-up warning."""
+
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ABSL_PREFIX = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+\.py:\d+\]")
+
+
+def trainer(*args: str, cwd: pathlib.Path = REPO) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "trainer.main", *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[pathlib.Path, subprocess.CompletedProcess]:
+  """A tiny finished depth-8 run on a synthetic source (no flag of it is a default)."""
+  model_dir = tmp_path_factory.mktemp("console") / "r8"
+  result = trainer("--depth=8", "--data_source=synthetic", "--global_batch_size=16",
+                   "--steps_per_epoch=3", "--epochs=2", "--eval_steps=2",
+                   f"--model_dir={model_dir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return model_dir, result
+
+
+def test_the_console_shows_messages_without_absl_prefixes_and_train_log_keeps_them(run):
+  model_dir, result = run
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert not [line for line in lines if ABSL_PREFIX.match(line)], lines[:5]
+  assert any(line.startswith("epoch 2.00 step 6/6 loss ") for line in lines)
+  log = (model_dir / "train.log").read_text().splitlines()
+  assert any(ABSL_PREFIX.match(line) and "epoch 2.00 step 6/6 loss " in line for line in log)
+
+
+def test_the_settings_are_a_short_grouped_block(run):
+  _, result = run
+  block = result.stderr[result.stderr.index("settings:"):].splitlines()[:6]
+  assert [line.split(":")[0].strip() for line in block] == [
+      "settings", "model", "data", "recipe", "distribution", "run dir"]
+  assert "depth=8" in block[1] and "data_source=synthetic" in block[2]
+  assert max(len(line) for line in block) < 300
+
+
+def test_every_setting_has_a_group():
+  from trainer import config as config_lib
+  from trainer import console
+  grouped = [name for names in console.SETTING_GROUPS.values() for name in names]
+  assert sorted(grouped) == sorted(config_lib.Config.__dataclass_fields__)
+
+
+def test_eval_and_export_need_nothing_but_the_run_dir(run, tmp_path):
+  model_dir, _ = run
+  evaluated = trainer("--mode=eval", f"--model_dir={model_dir}", cwd=tmp_path)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert "eval: resnet8 " in evaluated.stdout
+  assert "data_source=synthetic" in evaluated.stderr and "depth=8" in evaluated.stderr
+  saved = json.loads((model_dir / "eval.json").read_text())
+  assert saved["model"] == "resnet8" and saved["examples"] == 32
+  # No TensorFlow chatter: every stderr line is the trainer's own.
+  assert not [line for line in evaluated.stderr.splitlines()
+              if "tensorflow" in line.lower() or ABSL_PREFIX.match(line)]
+  exported = trainer("--mode=export", f"--model_dir={model_dir}",
+                     f"--export_dir={tmp_path / 'export'}", "--epochs=9", cwd=tmp_path)
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  assert "ignored: --epochs" in exported.stderr
+  assert (tmp_path / "export" / "model.keras").exists()
+
+
+@pytest.mark.parametrize("flag, needle", [
+    ("--depth=20", "--depth=20 (the run in "),
+    ("--plain", "--plain=True (the run in "),
+    ("--stage_widths=8,16,32", "--stage_widths=8,16,32 (the run in "),
+])
+def test_an_architecture_flag_that_contradicts_the_run_is_refused(run, flag, needle):
+  model_dir, _ = run
+  result = trainer("--mode=eval", f"--model_dir={model_dir}", flag)
+  assert result.returncode == 2, result.stderr[-3000:]
+  line = [l for l in result.stderr.splitlines() if l.startswith("error: ")][0]
+  assert needle in line and "config.json has --" in line
+  assert "Traceback" not in result.stderr
+
+
+def test_help_leads_with_usage_groups_the_flags_and_exits_0():
+  result = trainer("--help")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith("Train a ResNet")
+  assert "usage:" in result.stdout.splitlines()[2]
+  headings = [line for line in result.stdout.splitlines() if re.match(r"^[a-z ]+:$", line)]
+  assert headings == ["usage:", "model:", "data:", "recipe:", "distribution:", "run dir:",
+                      "output:"]
+  assert "  --depth (default: 50)" in result.stdout
+
+
+def test_a_warm_up_covering_the_whole_run_is_warned_about(run):
+  _, result = run  # fast recipe: 2 warm-up epochs, and the run has 2 epochs.
+  assert ("warning: the learning-rate warm-up (6 steps, --warmup_epochs=2) covers the whole "
+          "run (6 steps)") in result.stderr
