@@ -251,10 +251,9 @@ def _evaluate(config: config_lib.Config, strategy) -> str:
 
 def _train(config: config_lib.Config, strategy, handler: stop.SignalHandler) -> str:
   from trainer import distribute, train
-  # A worker of a multi-worker run cannot save alone (saving is collective): there a
-  # signal stops the worker at once, and its peers then stop as for a lost peer.
-  stop_request = handler.listen() if config.strategy != "multi_worker" else None
-  metrics = train.train_and_evaluate(config, strategy, stop_request)
+  # Under multi_worker the signal goes on to TensorFlow's preemption handler, and every
+  # worker saves at one agreed step (stop.ClusterStop).
+  metrics = train.train_and_evaluate(config, strategy, handler.listen())
   where = (f"metrics in {os.path.join(config.model_dir, run_files.METRICS_FILE)}"
            if distribute.is_chief(strategy) else "the chief wrote the metrics")
   return (f"done: {metrics['model']} test accuracy {metrics['test_accuracy']:.4f} after "

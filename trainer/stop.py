@@ -24,6 +24,9 @@ class StopRequest:
   def __init__(self):
     self.listening = False
     self.signum: int | None = None
+    # Multi-worker: TensorFlow's preemption handler, which the signal is handed to (see
+    # ClusterStop); the loop then leaves the stop to it.
+    self.forward = None
 
   def request(self, signum: int) -> bool:
     """Asks the loop to save and stop; False when no loop listens (raise instead).
@@ -91,8 +94,10 @@ class SignalHandler:
     return self.stop_request
 
   def _on_signal(self, signum, frame) -> None:
-    del frame
-    if self.stop_request is not None and self.stop_request.request(signum):
+    request = self.stop_request
+    if request is not None and request.request(signum):
+      if request.forward is not None:
+        request.forward(signum, frame)
       return
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
@@ -105,3 +110,43 @@ class SignalHandler:
                 f"returns{', after saving a checkpoint' if saving else ''}",
                 file=sys.stderr, flush=True)
           self.announced.set()
+
+
+class ClusterStop:
+  """Multi-worker runs stop together: a signal to any worker (or to all) makes every
+  worker save one checkpoint at the same step, then raise Stopped.
+
+  TensorFlow's PreemptionCheckpointHandler agrees on that step through the coordination
+  service; this class gives it our save (`save_fn`, collective) and our way out
+  (`exit_fn` raises Stopped), and a throwaway checkpoint of its own, so that its call
+  counter starts equal on every worker and our checkpoints keep their format. Call
+  `check()` at every boundary between training calls, on every worker.
+  """
+
+  def __init__(self, strategy, stop_request: StopRequest, save_fn, stopped_fn):
+    import tempfile  # Only multi-worker runs get here.
+    import tensorflow as tf
+    self._scratch = tempfile.TemporaryDirectory(prefix="resnet-cifar-preemption-")
+    counter = tf.train.Checkpoint()
+    ours = signal.getsignal(signal.SIGTERM)
+    self.handler = tf.distribute.experimental.PreemptionCheckpointHandler(
+        strategy.cluster_resolver,
+        tf.train.CheckpointManager(counter, self._scratch.name, max_to_keep=1),
+        termination_config=tf.distribute.experimental.TerminationConfig(
+            exit_fn=stopped_fn, save_fn=save_fn, grace_period=0))
+    # It installed its own SIGTERM handler: signals stay ours (so that Ctrl-C counts
+    # too, and the exit code tells them apart) and are handed on to it.
+    stop_request.forward = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, ours)
+
+  def check(self) -> None:
+    """Saves and raises Stopped once the cluster's agreed step is reached."""
+    import tensorflow as tf
+    logger = tf.get_logger()
+    level = logger.level
+    # Its save reads its own deprecated call counter, which warns: not the user's news.
+    logger.setLevel("ERROR")
+    try:
+      self.handler.save_checkpoint_if_preempted()
+    finally:
+      logger.setLevel(level)
