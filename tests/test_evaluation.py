@@ -1,0 +1,104 @@
+"""Evaluation gives the right numbers: flip test-time augmentation is the mean of the two
+views, the EMA is the hand-computed average, a validation protocol evaluates the test
+split once at the end, and a finished run only re-evaluates."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from input_pipeline import sources
+from trainer import config as config_lib
+from trainer import evaluation, schedule, state as state_lib, train
+
+TINY = dict(depth=8, data_source="synthetic", global_batch_size=16, eval_steps=2)
+
+
+def tiny_state(config: config_lib.Config) -> state_lib.State:
+  plan = schedule.make_plan(config, replicas=1, num_train=64, num_eval=20)
+  return state_lib.build_state(config, tf.distribute.get_strategy(), 10, plan, "float32")
+
+
+def hand_metrics(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+  loss = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+  return float(np.mean(loss)), float(np.mean(np.argmax(logits, -1) == labels))
+
+
+def test_flip_evaluation_is_the_mean_of_both_views_and_differs_from_plain(tmp_path):
+  config = config_lib.Config(**TINY, eval_flip=True, model_dir=str(tmp_path / "run"))
+  state = tiny_state(config)
+  split = sources.load_synthetic(20, seed=5)
+  plan = schedule.make_plan(config, replicas=1, num_train=64, num_eval=20)
+  results = evaluation.make_evaluator(tf.distribute.get_strategy(), state, split, plan,
+                                     config, steps=2).evaluate()
+  plain = state.model(split.images, training=False).numpy()
+  mirrored = state.model(split.images[:, :, ::-1], training=False).numpy()
+  loss, accuracy = hand_metrics(plain, split.labels)
+  flip_loss, flip_accuracy = hand_metrics((plain + mirrored) / 2, split.labels)
+  assert results["loss"] == pytest.approx(loss, rel=1e-5)
+  assert results["accuracy"] == pytest.approx(accuracy)
+  assert results["flip_loss"] == pytest.approx(flip_loss, rel=1e-5)
+  assert results["flip_accuracy"] == pytest.approx(flip_accuracy)
+  assert abs(results["flip_loss"] - results["loss"]) > 1e-4  # Not flip-symmetric.
+
+
+def test_the_ema_is_the_hand_computed_average_and_differs_from_the_weights(tmp_path):
+  decay = 0.7
+  config = config_lib.Config(**TINY, steps_per_epoch=3, epochs=1, ema_decay=decay,
+                             checkpoint_every_steps=1, keep_checkpoints=3,
+                             model_dir=str(tmp_path / "run"))
+  initial = {v.path: v.numpy() for v in state_lib.averaged_variables(
+      tiny_state(config).model)}
+  outcome = train.run_training(config, tf.distribute.get_strategy())
+  average = dict(initial)
+  for step in (1, 2, 3):
+    reader = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints" / f"ckpt-{step}"))
+    for path in average:
+      average[path] = decay * average[path] + (1 - decay) * _model_tensor(reader, path)
+  ema = {v.path: e.numpy() for v, e in zip(state_lib.averaged_variables(outcome.state.model),
+                                            outcome.state.ema)}
+  kernel = "stem_conv/kernel"
+  for path, value in average.items():
+    np.testing.assert_allclose(ema[path], value, rtol=1e-5, atol=1e-6, err_msg=path)
+  current = {v.path: v.numpy() for v in outcome.state.model.variables}
+  assert not np.allclose(ema[kernel], current[kernel])
+  assert outcome.metrics["test_ema_accuracy"] >= 0
+  assert outcome.metrics["test_ema_loss"] != outcome.metrics["test_loss"]
+
+
+def _model_tensor(reader, path: str) -> np.ndarray:
+  """A model variable's value in a checkpoint (dict keys escape "/" as ".S")."""
+  return reader.get_tensor(f"model/{path.replace('/', '.S')}/.ATTRIBUTES/VARIABLE_VALUE")
+
+
+def test_a_validation_run_evaluates_the_test_split_once_at_the_end(tmp_path):
+  config = config_lib.Config(**{**TINY, "eval_steps": None}, steps_per_epoch=2, epochs=2,
+                             validation_split=100, model_dir=str(tmp_path / "run"))
+  calls = []
+  real = evaluation.Evaluator.evaluate
+
+  def counting(self):
+    calls.append(self.dataset)
+    return real(self)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(evaluation.Evaluator, "evaluate", counting)
+    metrics = train.train_and_evaluate(config, tf.distribute.get_strategy())
+  assert len(calls) == 3  # two epochs on the validation split, the test split once
+  history = json.loads((tmp_path / "run" / "history.json").read_text())["history"]
+  assert all("validation_accuracy" in h and "test_accuracy" not in h for h in history)
+  assert "test_accuracy" in metrics and "best_validation_accuracy" in metrics
+
+
+def test_a_finished_run_only_re_evaluates(tmp_path):
+  config = config_lib.Config(**TINY, steps_per_epoch=2, epochs=1,
+                             model_dir=str(tmp_path / "run"))
+  first = train.train_and_evaluate(config, tf.distribute.get_strategy())
+  before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "checkpoints").iterdir()}
+  again = train.train_and_evaluate(config, tf.distribute.get_strategy())
+  after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "checkpoints").iterdir()}
+  assert before == after  # no training step, no save
+  assert again["steps"] == first["steps"] == 2 and again["resumed_from_step"] == 2
+  assert again["test_accuracy"] == pytest.approx(first["test_accuracy"])
