@@ -282,3 +282,9 @@ def test_a_refused_run_leaves_no_empty_model_dir(tmp_path):
                    f"--model_dir={model_dir}")
   assert_user_error(result, "does not divide evenly")
   assert not model_dir.exists()
+
+
+@pytest.mark.parametrize("model_dir", ["ram://run", "gs://bucket/run"])
+def test_a_model_dir_on_an_object_store_is_refused(model_dir):
+  result = trainer(*TINY, f"--model_dir={model_dir}", timeout=120)
+  assert_user_error(result, "object stores are not supported", "network file system")

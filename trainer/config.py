@@ -126,6 +126,12 @@ class Config:
                         "--stem=imagenet: XLA has no deterministic max-pool gradient")
     if not self.model_dir:
       raise ConfigError("--model_dir must not be empty")
+    if "://" in self.model_dir:
+      # The run dir's lock (flock) and atomic JSON writes (rename) need a POSIX file
+      # system; object stores (gs://, s3://) have neither.
+      raise ConfigError(f"--model_dir={self.model_dir}: object stores are not supported; "
+                        "use a local disk or a network file system (e.g. NFS) that every "
+                        "worker mounts")
 
   def architecture(self) -> architecture_lib.Architecture:
     """The model's architecture (raises ValueError when the settings are inconsistent)."""
