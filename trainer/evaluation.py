@@ -2,6 +2,7 @@
 augmentation, and with the moving average of the weights), and --mode=eval."""
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from input_pipeline import pipeline, sources
@@ -15,7 +16,9 @@ class Evaluator:
 
   The keys are those of metrics.Sums ("loss", "accuracy"); with eval_flip also "flip_..."
   (logits averaged with those of the mirrored images); with an EMA also "ema_..." and
-  "ema_flip_...", so users see what each gives.
+  "ema_flip_...", so users see what each gives. After `evaluate()`, `confusion` holds the
+  confusion matrix (int64 [true, predicted]) of the model whose "accuracy" it reported:
+  the plain evaluation, without flip or EMA.
   """
 
   def __init__(self, strategy: tf.distribute.Strategy, state: State, split: sources.Split,
@@ -26,6 +29,8 @@ class Evaluator:
       self.sums = {"": metrics.Sums()}
       if flip:
         self.sums["flip_"] = metrics.Sums()
+      self.counts = metrics.Confusion(len(split.class_names))
+    self.confusion: np.ndarray | None = None
     self.dataset = strategy.distribute_datasets_from_function(
         lambda context: pipeline.eval_pipeline(
             split.as_dataset(), per_replica_batch_size=per_replica_batch_size,
@@ -38,6 +43,7 @@ class Evaluator:
     logits = model(images, training=False)
     loss = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
     self.sums[""].add(loss, logits, labels, weights)
+    self.counts.add(logits, labels, weights)
     if "flip_" in self.sums:
       mirrored = model(tf.reverse(images, axis=[2]), training=False)
       averaged = (logits + mirrored) / 2
@@ -49,14 +55,16 @@ class Evaluator:
       self.strategy.run(self._replica_step, args=next(iterator))
 
   def _run(self, prefix: str) -> dict[str, float]:
-    for sums in self.sums.values():
-      sums.reset()
+    for accumulator in (*self.sums.values(), self.counts):
+      accumulator.reset()
     self._loop(iter(self.dataset), tf.constant(self.steps))
     return {f"{prefix}{kind}{key}": value
             for kind, sums in self.sums.items() for key, value in sums.result().items()}
 
   def evaluate(self) -> dict[str, float]:
+    """One evaluation (see the class); also sets `confusion`."""
     results = self._run("")
+    self.confusion = self.counts.result()
     if self.state.ema:
       with ema_weights(self.state):
         results.update(self._run("ema_"))

@@ -1,15 +1,78 @@
-"""Every TensorBoard write of a run: the settings as text and HParams, training metrics at
-each log step, per-epoch metrics of training and evaluation, the final test metrics."""
+"""Every TensorBoard write of a run: the settings as text, the run as one HParams session,
+training metrics at each log step, per-epoch metrics of training and evaluation (with a
+confusion-matrix image), the final test metrics.
 
+Where each goes (see run_files for the directory names):
+  <model_dir>/        the HParams experiment config and session (start, end, and the
+                      run's best_test_accuracy): TensorBoard takes a run holding a session
+                      start as a session, and finds its metrics in that run's subdirs;
+  <model_dir>/train/  the settings as a text table, training metrics, epoch_loss and
+                      epoch_accuracy (the epoch's training means);
+  <model_dir>/test/   (or validation/) epoch_loss, epoch_accuracy, epoch_<key> for every
+                      other evaluation key (epoch_flip_accuracy, epoch_ema_loss, ...) and
+                      the confusion_matrix image, at every epoch end; final_test_* after a
+                      validation protocol.
+"""
+
+import contextlib
 import os
 import re
+import sys
 
+from absl import logging
+import numpy as np
 import tensorflow as tf
-from tensorboard.plugins.hparams import api as hparams_api
+from tensorboard.plugins.hparams import api as hp
+from tensorboard.plugins.hparams import api_pb2
+from tensorboard.plugins.hparams import summary as hparams_summary
 
-from trainer import run_files
+from trainer import architecture, run_files
+from trainer import config as config_lib
+from trainer.stop import Stopped
 
 _STAGE = re.compile(r"^(stem|stage\d+|head)_")
+# The session dir's scalar: metrics.json's best_test_accuracy, an HParams metric.
+BEST_TEST_ACCURACY_TAG = "best_test_accuracy"
+
+# Numeric hyper-parameters are declared over every value the trainer accepts: the interval
+# gives them their numeric type (a numeric axis in the parallel-coordinates view), and
+# TensorBoard's newer runs table filters by the declared domain, so it must hold them all.
+_INT_MAX = 2**63 - 1
+_FLOAT_MAX = sys.float_info.max
+# What config.json's strategy_resolved (the strategy's class name) is called in the
+# HParams; "other" for a strategy passed in by a caller of train.train_and_evaluate.
+_STRATEGY_NAMES = {"_DefaultDistributionStrategy": "default",
+                   "OneDeviceStrategy": "one_device", "MirroredStrategy": "mirrored",
+                   "CollectiveAllReduceStrategy": "multi_worker",
+                   "MultiWorkerMirroredStrategy": "multi_worker",
+                   "TPUStrategyV2": "tpu", "TPUStrategy": "tpu"}
+# The hyper-parameters a person compares runs by (the rest of the settings are in the
+# text summary "config"). Every domain is independent of the run: TensorBoard reads the
+# experiment config of one run (the first it finds) for all the runs under its --logdir.
+HPARAMS = (
+    hp.HParam("depth", hp.IntInterval(1, _INT_MAX), description="--depth"),
+    hp.HParam("plain", hp.Discrete([False, True]),
+              description="--plain: no shortcut connections"),
+    hp.HParam("stem", hp.Discrete(list(architecture.STEMS)), description="--stem"),
+    hp.HParam("recipe", hp.Discrete(list(config_lib.RECIPE_NAMES)),
+              description="--recipe"),
+    hp.HParam("learning_rate", hp.RealInterval(0.0, _FLOAT_MAX),
+              description="--learning_rate (for a global batch of 128; scaled linearly)"),
+    hp.HParam("global_batch_size", hp.IntInterval(1, _INT_MAX),
+              description="--global_batch_size"),
+    hp.HParam("epochs", hp.RealInterval(0.0, _FLOAT_MAX),
+              description="total steps / steps per epoch (--epochs, or the he2016 length)"),
+    hp.HParam("weight_decay", hp.RealInterval(0.0, _FLOAT_MAX),
+              description="--weight_decay"),
+    hp.HParam("precision", hp.Discrete([p for p in config_lib.PRECISIONS if p != "auto"]),
+              description="--precision, resolved"),
+    hp.HParam("strategy", hp.Discrete(sorted({*_STRATEGY_NAMES.values(), "other"})),
+              description="--strategy, resolved"),
+    hp.HParam("replicas", hp.IntInterval(1, _INT_MAX), description="replicas in sync"),
+    hp.HParam("data_source", hp.Discrete(list(config_lib.DATA_SOURCES)),
+              description="--data_source"),
+    hp.HParam("seed", hp.IntInterval(0, _INT_MAX), description="--seed"),
+)
 
 
 def stage_of(variable_path: str) -> str:
@@ -38,24 +101,133 @@ def _hparam_value(value):
   return value
 
 
-class Summaries:
-  """The run's two event writers: train/, and the evaluated split's (test/ or validation/,
-  see run_files). Only the chief writes; other workers get no-op writers."""
+def hparam_values(settings: dict) -> dict[str, bool | int | float | str]:
+  """The HPARAMS' values of a run, from its settings (config.json's: the Config plus the
+  resolved values)."""
+  return {"depth": settings["depth"], "plain": settings["plain"], "stem": settings["stem"],
+          "recipe": settings["recipe"], "learning_rate": float(settings["learning_rate"]),
+          "global_batch_size": settings["global_batch_size"],
+          "epochs": round(settings["total_steps"] / settings["steps_per_epoch_resolved"], 4),
+          "weight_decay": float(settings["weight_decay"]),
+          "precision": settings["precision_resolved"],
+          "strategy": _STRATEGY_NAMES.get(settings["strategy_resolved"], "other"),
+          "replicas": settings["replicas"], "data_source": settings["data_source"],
+          "seed": settings["seed"]}
 
-  def __init__(self, out_dir: str, eval_name: str, chief: bool):
+
+def hparams_metrics(eval_name: str) -> list[hp.Metric]:
+  """The HParams metrics: the evaluation curves (`eval_name`: test or validation, the only
+  part of the experiment config that differs between runs), the best test accuracy (in
+  the session's own dir) and the last epoch's training loss."""
+  validation, training = hp.Metric.VALIDATION, hp.Metric.TRAINING
+  return [
+      hp.Metric(run_files.EPOCH_ACCURACY_TAG, group=eval_name,
+                display_name=f"{eval_name} accuracy", dataset_type=validation),
+      hp.Metric(run_files.EPOCH_LOSS_TAG, group=eval_name, display_name=f"{eval_name} loss",
+                dataset_type=validation),
+      hp.Metric(BEST_TEST_ACCURACY_TAG, group="", display_name="best test accuracy"),
+      hp.Metric(run_files.EPOCH_LOSS_TAG, group=run_files.TRAIN_EVENTS,
+                display_name="final training loss", dataset_type=training),
+  ]
+
+
+def epoch_tag(key: str) -> str:
+  """The evaluation writer's tag of an Evaluator key: "loss" and "accuracy" share the
+  train writer's epoch_* tags (the curves overlay), "flip_accuracy" -> "epoch_flip_accuracy"."""
+  return {"loss": run_files.EPOCH_LOSS_TAG,
+          "accuracy": run_files.EPOCH_ACCURACY_TAG}.get(key, f"epoch_{key}")
+
+
+def confusion_image(confusion: np.ndarray, cell: int | None = None) -> np.ndarray:
+  """A confusion matrix as a heat map, uint8 [1, height, width, 3].
+
+  Cell (true class i, predicted class j) is row i, column j, coloured by the share of
+  class i's examples predicted as j, from white (none) to dark blue (all); a class without
+  examples is a grey row. Drawn with numpy alone: cheap at every epoch.
+  """
+  num_classes = confusion.shape[0]
+  cell = cell or max(4, 240 // num_classes)
+  rows = confusion.sum(axis=1, keepdims=True)
+  shares = confusion / np.maximum(rows, 1)
+  white, blue = np.array([255.0, 255.0, 255.0]), np.array([8.0, 48.0, 107.0])
+  colours = white + shares[..., None] * (blue - white)
+  colours[rows[:, 0] == 0] = 200.0
+  image = np.repeat(np.repeat(colours, cell, axis=0), cell, axis=1)
+  # A one-pixel light grid between the cells, so neighbouring pale cells stay apart.
+  image[::cell, :] = image[:, ::cell] = 230.0
+  return np.rint(image).astype(np.uint8)[None]
+
+
+class Summaries:
+  """The run's event writers: the session's (the run dir), train/, and the evaluated
+  split's (test/ or validation/, see run_files). Only the chief writes; other workers get
+  no-op writers."""
+
+  def __init__(self, out_dir: str, eval_name: str, chief: bool,
+               class_names: tuple[str, ...] = ()):
+    self.out_dir, self.eval_name, self.chief = out_dir, eval_name, chief
+    self.class_names = tuple(class_names)
     if chief:
       self.train = tf.summary.create_file_writer(os.path.join(out_dir, run_files.TRAIN_EVENTS))
       self.eval = tf.summary.create_file_writer(os.path.join(out_dir, eval_name))
     else:
       self.train = self.eval = tf.summary.create_noop_writer()
+    # Made by run_info: it first removes the previous attempt's session (see there).
+    self.session_writer = tf.summary.create_noop_writer()
 
   def run_info(self, settings: dict, step: int) -> None:
-    """The run's settings (Config plus resolved values) as a text table and as HParams,
-    at the step the run starts (or resumes) at."""
+    """The run's settings (Config plus resolved values) as a text table, at the step the
+    run starts (or resumes) at; and the HParams experiment config and session start in
+    the run dir.
+
+    TensorBoard keeps the first session start and end it reads in a run dir, so a resumed
+    run removes the event files of the attempt before (they hold nothing else) and writes
+    its session afresh: its hparams, and later its status, are then the ones shown.
+    """
     rows = "\n".join(f"| {k} | {_hparam_value(v)} |" for k, v in sorted(settings.items()))
     with self.train.as_default(step=step):
       tf.summary.text("config", f"| setting | value |\n| --- | --- |\n{rows}")
-      hparams_api.hparams({k: _hparam_value(v) for k, v in settings.items()})
+    if not self.chief:
+      return
+    for path in tf.io.gfile.glob(os.path.join(self.out_dir, "events.out.tfevents.*")):
+      tf.io.gfile.remove(path)
+    self.session_writer = tf.summary.create_file_writer(self.out_dir)
+    with self.session_writer.as_default():
+      hp.hparams_config(HPARAMS, hparams_metrics(self.eval_name))
+      # One session group per run dir: runs that differ only in settings outside HPARAMS
+      # must not be averaged into one row.
+      hp.hparams(hparam_values(settings), trial_id=self.out_dir)
+    self.session_writer.flush()
+
+  @contextlib.contextmanager
+  def session(self, settings: dict, step: int):
+    """The run as one HParams session: run_info on entry; on leaving, the session's end
+    with STATUS_SUCCESS, or STATUS_FAILURE when an exception (a diverged loss, a failed
+    save, a lost peer) leaves the block.
+
+    A signal's stop (Stopped, KeyboardInterrupt) writes no end: the session stays
+    STATUS_UNKNOWN, the nearest TensorBoard has to "aborted" (it has no such status),
+    and a resume writes the run's session afresh.
+    """
+    self.run_info(settings, step)
+    try:
+      yield self
+    except (Stopped, KeyboardInterrupt):
+      raise
+    except Exception:
+      self._end_session(api_pb2.STATUS_FAILURE)
+      raise
+    self._end_session(api_pb2.STATUS_SUCCESS)
+
+  def _end_session(self, status: int) -> None:
+    end = hparams_summary.session_end_pb(status).SerializeToString()
+    try:
+      with self.session_writer.as_default():
+        tf.summary.experimental.write_raw_pb(end, step=0)
+      self.flush()
+    except (tf.errors.OpError, OSError) as e:
+      # Never mask the error that ended the run (e.g. a full disk) with this one.
+      logging.warning("could not write the TensorBoard session end: %s", e)
 
   def train_interval(self, step: int, means: dict[str, float], learning_rate: float,
                      gradient_norms: dict[str, float], seconds_per_step: float | None,
@@ -71,25 +243,43 @@ class Summaries:
         tf.summary.scalar("images_per_second", images_per_second)
         tf.summary.scalar("step_time_ms", 1000 * seconds_per_step)
 
-  def epoch(self, step: int, train_means: dict[str, float], results: dict[str, float]
-            ) -> None:
-    """An epoch's training means and evaluation results, under shared epoch_* tags so
-    that the train and evaluation curves overlay."""
+  def epoch(self, step: int, train_means: dict[str, float], results: dict[str, float],
+            confusion: np.ndarray | None = None) -> None:
+    """An epoch's training means and evaluation results, each value once, under shared
+    epoch_* tags so that the train and evaluation curves overlay (see epoch_tag); and the
+    evaluation's confusion matrix as an image."""
     with self.train.as_default(step=step):
       tf.summary.scalar(run_files.EPOCH_LOSS_TAG, train_means["loss"])
       tf.summary.scalar(run_files.EPOCH_ACCURACY_TAG, train_means["accuracy"])
     with self.eval.as_default(step=step):
       for key, value in results.items():
-        tf.summary.scalar(key, value)
-      tf.summary.scalar(run_files.EPOCH_LOSS_TAG, results["loss"])
-      tf.summary.scalar(run_files.EPOCH_ACCURACY_TAG, results["accuracy"])
+        tf.summary.scalar(epoch_tag(key), value)
+      if confusion is not None:
+        self._confusion_image("confusion_matrix", confusion)
 
-  def final_test(self, step: int, results: dict[str, float]) -> None:
+  def final_test(self, step: int, results: dict[str, float],
+                 confusion: np.ndarray | None = None) -> None:
     """The test split's metrics after a validation protocol (or a resumed finished run)."""
     with self.eval.as_default(step=step):
       for key, value in results.items():
         tf.summary.scalar(f"final_test_{key}", value)
+      if confusion is not None:
+        self._confusion_image("final_test_confusion_matrix", confusion)
+
+  def best_test_accuracy(self, step: int, accuracy: float) -> None:
+    """The run's best test accuracy (metrics.json's), in the session's dir: an HParams
+    metric."""
+    with self.session_writer.as_default(step=step):
+      tf.summary.scalar(BEST_TEST_ACCURACY_TAG, accuracy)
+
+  def _confusion_image(self, tag: str, confusion: np.ndarray) -> None:
+    order = ", ".join(self.class_names) or "class index"
+    tf.summary.image(tag, confusion_image(confusion), description=(
+        "Rows: true class, columns: predicted class, both in the order "
+        f"{order}. Colour: the share of the true class's examples, white 0 to dark blue "
+        "1; a grey row: no examples of that class."))
 
   def flush(self) -> None:
     self.train.flush()
     self.eval.flush()
+    self.session_writer.flush()

@@ -5,10 +5,12 @@ calls, logs, checkpoints and per-epoch evaluation (the step functions are in ste
 import dataclasses
 import math
 import os
+import signal
 import tempfile
 import time
 
 from absl import logging
+import numpy as np
 import tensorflow as tf
 
 from input_pipeline import pipeline
@@ -17,6 +19,7 @@ from trainer import (data, distribute, evaluation, metrics, run_dir, run_files, 
 from trainer.config import REFERENCE_BATCH_SIZE, Config
 from trainer.errors import ConfigError, RunDirError, TrainingError
 from trainer.state import State, build_state
+from trainer import stop
 from trainer.stop import StopRequest, Stopped
 
 
@@ -102,11 +105,12 @@ def _train(config: Config, strategy: tf.distribute.Strategy, out_dir: str, chief
     _log_plan(config, strategy, plan, hardware)
     loop = Loop(config, strategy, state, splits, plan, hardware, checkpoints,
                 RunPlace(out_dir, chief, start_step, wall_start), stop_request)
-    loop.summaries.run_info(settings, start_step)
-    loop.run()
-    result = loop.final_metrics(loop.final_test())
-    if chief:
-      run_dir.write_metrics(out_dir, result)
+    # One HParams session: its end records whether the run succeeded or failed.
+    with loop.summaries.session(settings, start_step):
+      loop.run()
+      result = loop.final_metrics(loop.final_test())
+      if chief:
+        run_dir.write_metrics(out_dir, result)
   return Outcome(result, state, out_dir)
 
 
@@ -221,7 +225,14 @@ class Loop:
                                                       state.model.non_trainable_variables)
     self.evaluator = evaluation.make_evaluator(strategy, state, splits.evaluation, plan,
                                                config, plan.eval_steps)
-    self.summaries = summaries.Summaries(place.out_dir, splits.evaluation_name, place.chief)
+    # Multi-worker: a signal to any worker stops every worker at one agreed step.
+    self.cluster_stop = (
+        stop.ClusterStop(strategy, stop_request, self._save_before_stopping, self._stopped)
+        if stop_request is not None and _is_multi_worker(strategy) else None)
+    self.summaries = summaries.Summaries(place.out_dir, splits.evaluation_name, place.chief,
+                                         splits.class_names)
+    # The confusion matrix of this process's last evaluation (None before one).
+    self.confusion = None
     # Epochs after the restored checkpoint were lost with the crash: forget them.
     self.history = [h for h in run_dir.read_history(place.out_dir)
                     if h["step"] <= place.start_step]
@@ -280,23 +291,23 @@ class Loop:
       boundaries += [b for b in config.profile_steps if b > step]
     return min(boundaries)
 
-  def _train_until(self, stop: int) -> None:
-    """One call into TensorFlow: steps self.step + 1 .. stop."""
+  def _train_until(self, until: int) -> None:
+    """One call into TensorFlow: steps self.step + 1 .. until."""
     profile = self.config.profile_steps
     trace_dir = os.path.join(self.place.out_dir, run_files.TRAIN_EVENTS)
     if profile and self.place.chief and self.step == profile[0]:
       tf.profiler.experimental.start(trace_dir)
     call_start = time.time()
     self.steps.run(self.iterator, tf.constant(self.step, tf.int64),
-                   tf.constant(stop - self.step, tf.int64))
+                   tf.constant(until - self.step, tf.int64))
     if self.first_call:
       # The first call traces and compiles; it is left out of the throughput figures.
       self.first_call = False
-      self.interval_start, self.interval_step = time.time(), stop
+      self.interval_start, self.interval_step = time.time(), until
     else:
-      self.state.timed_images.assign_add((stop - self.step) * self.config.global_batch_size)
+      self.state.timed_images.assign_add((until - self.step) * self.config.global_batch_size)
       self.state.timed_seconds.assign_add(time.time() - call_start)
-    self.step = stop
+    self.step = until
     if profile and self.place.chief and self.step == profile[1]:
       tf.profiler.experimental.stop()
       logging.info("profiler trace of steps %d-%d written under %s", *profile,
@@ -331,13 +342,16 @@ class Loop:
     logging.info("evaluating on %d %s batches", self.plan.eval_steps, name)
     self.sync_replicas()
     results = self.evaluator.evaluate()
+    self.confusion = self.evaluator.confusion
     train_means = self.epoch_means.result()
     self.epoch_means = metrics.EpochMeans()
     record = {"epoch": round(epoch, 4), "step": step,
               **{f"train_{k}": v for k, v in train_means.items()},
-              **{f"{name}_{k}": v for k, v in results.items()}}
+              **{f"{name}_{k}": v for k, v in results.items()},
+              f"{name}_per_class_accuracy": metrics.per_class_accuracy(
+                  self.confusion, self.splits.class_names)}
     self.history.append(record)
-    self.summaries.epoch(step, train_means, results)
+    self.summaries.epoch(step, train_means, results, self.confusion)
     logging.info("epoch %.2f train loss %.4f accuracy %.4f, %s %s", epoch,
                  record["train_loss"], record["train_accuracy"], name,
                  " ".join(f"{k} {v:.4f}" for k, v in results.items()))
@@ -398,29 +412,52 @@ class Loop:
   def _stop_if_requested(self) -> None:
     # Called only where the step and the model agree (between calls into TensorFlow, after
     # their bookkeeping), so the checkpoint resumes exactly there.
+    if self.cluster_stop is not None:
+      self.cluster_stop.check()  # Every worker, at every boundary: they agree on a step.
+      return
     if self.stop_request is None or self.stop_request.signum is None:
       return
+    self._save_before_stopping()
+    self._stopped()
+
+  def _save_before_stopping(self) -> None:
     if self.step != self.saved_step:
       logging.info("saving a checkpoint at step %d before stopping", self.step)
       self._save()
-    raise Stopped(self.stop_request.signum, self.step, self.checkpoints.latest)
 
-  def final_test(self) -> dict[str, float]:
+  def _stopped(self) -> None:
+    # A worker that was not signalled itself stops as for SIGTERM: the cluster's.
+    signum = self.stop_request.signum or signal.SIGTERM
+    saved = os.path.join(self.config.model_dir, run_files.CHECKPOINT_SUBDIR,
+                         f"ckpt-{self.saved_step}") if self.saved_step else None
+    raise Stopped(signum, self.step, self.checkpoints.latest if self.place.chief else saved)
+
+  def final_test(self) -> dict:
     """The test split's metrics at the end: the last epoch's, when it evaluated the whole
     test split at this step; else evaluated now (after a validation protocol, or for a
-    resumed finished run)."""
+    resumed finished run). With per_class_accuracy and confusion_matrix."""
     last = self.history[-1] if self.history else None
     if self.splits.evaluation_name == run_files.TEST_EVENTS and last and last["step"] == self.step:
       final = {k[len("test_"):]: v for k, v in last.items() if k.startswith("test_")}
+      if self.confusion is None:  # A rerun of a finished run: only its matrix is missing.
+        self.sync_replicas()
+        self.evaluator.evaluate()
+        self.confusion = self.evaluator.confusion
+      confusion = self.confusion
     else:
       self.sync_replicas()
-      final = evaluation.make_evaluator(self.strategy, self.state, self.splits.test,
-                                        self.plan, self.config, self.plan.test_steps).evaluate()
-      self.summaries.final_test(self.step, final)
+      evaluator = evaluation.make_evaluator(self.strategy, self.state, self.splits.test,
+                                            self.plan, self.config, self.plan.test_steps)
+      final, confusion = evaluator.evaluate(), evaluator.confusion
+      self.summaries.final_test(self.step, final, confusion)
+    # Also for a history written before per-class results were recorded.
+    final.setdefault("per_class_accuracy",
+                     metrics.per_class_accuracy(confusion, self.splits.class_names))
+    final["confusion_matrix"] = confusion.tolist()
     self.summaries.flush()
     return final
 
-  def final_metrics(self, final: dict[str, float]) -> dict:
+  def final_metrics(self, final: dict) -> dict:
     """metrics.json: the final test metrics, the history and how the run went."""
     state, history = self.state, self.history
     images, seconds = float(state.timed_images.numpy()), float(state.timed_seconds.numpy())
@@ -444,7 +481,18 @@ class Loop:
     }
     if self.config.validation_split:
       result["best_validation_accuracy"] = self.best_accuracy
+    result["most_confused"] = metrics.most_confused(np.array(final["confusion_matrix"]),
+                                                    self.splits.class_names)
+    logging.info("classes confused most (true -> predicted: test examples): %s",
+                 ", ".join(f"{t} -> {p}: {n}" for t, p, n in result["most_confused"])
+                 or "none")
+    self.summaries.best_test_accuracy(self.step, result["best_test_accuracy"])
     return result
+
+
+def _is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+  resolver = getattr(strategy, "cluster_resolver", None)
+  return bool(resolver is not None and resolver.cluster_spec().jobs)
 
 
 def _duration(seconds: float) -> str:
