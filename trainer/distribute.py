@@ -1,10 +1,13 @@
 """Choosing the tf.distribute strategy, precision policy and XLA setting for the devices.
 
-Every error a user can fix (flags, TF_CONFIG, unreachable peers) is a DistributionError.
+Every error a user can fix (flags, TF_CONFIG, the Slurm job, unreachable peers) is a
+DistributionError.
 """
 
+import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +23,17 @@ from trainer.errors import DistributionError
 _TRAINING_TASK_TYPES = ("chief", "worker")
 _TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
                       '"task": {"type": "worker", "index": 0}}')
+# Under Slurm, the task with local index i on a node listens on PORT_BASE + i; the default
+# is SlurmClusterResolver's. Two jobs sharing a node need different bases.
+PORT_BASE_VARIABLE = "RESNET_CIFAR_PORT_BASE"
+DEFAULT_PORT_BASE = 8888
+# What srun sets for every task of a job step; SlurmClusterResolver reads these.
+_SLURM_STEP_VARIABLES = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST",
+                         "SLURM_STEP_TASKS_PER_NODE")
+_SRUN_HINT = ("start every task with `srun python -m trainer.main --strategy=multi_worker "
+              "...` inside the job (see README, \"Distribution, precision and XLA\") or set "
+              "TF_CONFIG; to train in this process alone, pass --strategy=mirrored, "
+              "one_device or default")
 
 
 def configure_cpu_devices(num_devices: int) -> None:
@@ -39,6 +53,9 @@ def make_strategy(name: str, *, num_gpus: int | None = None, tpu: str | None = N
                   peer_timeout_seconds: int = 300) -> tf.distribute.Strategy:
   """Builds the strategy that `--strategy` names.
 
+  `auto` is tpu with --tpu; else multi_worker when TF_CONFIG is set or this is a task of
+  a multi-task Slurm job (see multi_worker_reason); else it goes by the local GPUs.
+
   Args:
     name: auto, default, one_device, mirrored, multi_worker or tpu.
     num_gpus: auto/mirrored: how many local GPUs (None: all).
@@ -51,6 +68,14 @@ def make_strategy(name: str, *, num_gpus: int | None = None, tpu: str | None = N
   Raises:
     DistributionError: when it cannot be built here.
   """
+  if name == "auto" and not tpu:
+    reason = multi_worker_reason()
+    if reason:
+      name = "multi_worker"
+      logging.info("--strategy=auto resolved to multi_worker (%s)", reason)
+  # Before TensorFlow lists the GPUs: under Slurm this chooses the task's GPUs through
+  # CUDA_VISIBLE_DEVICES, which CUDA reads once, when TensorFlow first initialises it.
+  cluster = resolve_cluster() if name == "multi_worker" else None
   # Physical devices: listing logical ones would initialise the runtime, after which
   # MultiWorkerMirroredStrategy can no longer configure its collective ops.
   gpus = tf.config.list_physical_devices("GPU")
@@ -63,8 +88,8 @@ def make_strategy(name: str, *, num_gpus: int | None = None, tpu: str | None = N
     name = ("tpu" if tpu else "mirrored" if usable > 1 else "one_device" if usable
             else "default")
     logging.info("--strategy=auto resolved to %s", name)
-  if name == "multi_worker":
-    return _multi_worker(gpus, all_reduce, peer_timeout_seconds)
+  if cluster is not None:
+    return _multi_worker(cluster, gpus, all_reduce, peer_timeout_seconds)
   if name == "tpu":
     return _tpu(tpu)
   gpus = tf.config.list_logical_devices("GPU")
@@ -123,7 +148,8 @@ def parse_tf_config(text: str | None) -> dict:
   if not text or not text.strip():
     raise DistributionError(
         "--strategy=multi_worker needs the TF_CONFIG environment variable on every worker, "
-        f"e.g. TF_CONFIG='{_TF_CONFIG_EXAMPLE}' (see scripts/launch_local_workers.py)")
+        f"e.g. TF_CONFIG='{_TF_CONFIG_EXAMPLE}' (see scripts/launch_local_workers.py), "
+        "or Slurm's srun to start the workers")
 
   def malformed(problem: str) -> DistributionError:
     return DistributionError(f"TF_CONFIG is malformed: {problem}; expected e.g. "
@@ -174,6 +200,178 @@ def _split_address(address: str) -> tuple[str, int] | None:
   return host.strip("[]"), int(port)
 
 
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+  """The cluster of a multi-worker run and this process's place in it."""
+  source: str  # "TF_CONFIG" or "Slurm": who described the cluster, named in messages.
+  jobs: dict  # task type -> ["host:port", ...]
+  task_type: str
+  task_index: int
+  gpus: int | None = None  # Slurm: the GPUs this task uses; None: TensorFlow counts them.
+
+  @property
+  def own_address(self) -> str:
+    return self.jobs[self.task_type][self.task_index]
+
+  @property
+  def num_tasks(self) -> int:
+    return sum(len(addresses) for addresses in self.jobs.values())
+
+  @property
+  def is_chief(self) -> bool:
+    return self.task_type == "chief" or (self.task_type == "worker" and self.task_index == 0
+                                         and "chief" not in self.jobs)
+
+  @property
+  def peers(self) -> list[str]:
+    return [a for job in self.jobs.values() for a in job if a != self.own_address]
+
+  @property
+  def restart_hint(self) -> str:
+    """How to restart the whole run after a lost peer (it resumes from the checkpoint)."""
+    if self.source == "Slurm":
+      return "rerun the same srun command (or resubmit the job) with the same flags"
+    return "restart every worker with the same flags and TF_CONFIG"
+
+
+def multi_worker_reason() -> str | None:
+  """Why `--strategy=auto` should train on several workers here, or None.
+
+  TF_CONFIG set (any launcher that writes it, e.g. Kubeflow's TFJob), or a Slurm job
+  step of more than one task (srun sets SLURM_STEP_NUM_TASKS; SLURM_NTASKS when no step
+  count is set, e.g. in an sbatch script, where multi_worker then asks for srun).
+  """
+  if os.environ.get("TF_CONFIG", "").strip():
+    return "TF_CONFIG"
+  name = ("SLURM_STEP_NUM_TASKS" if os.environ.get("SLURM_STEP_NUM_TASKS")
+          else "SLURM_NTASKS")
+  tasks = _slurm_int(name, default=1)
+  return f"Slurm job with {tasks} tasks" if tasks > 1 else None
+
+
+def resolve_cluster() -> Cluster:
+  """The cluster of `--strategy=multi_worker`: from TF_CONFIG when set, else from Slurm.
+
+  Raises:
+    DistributionError: neither describes a usable cluster.
+  """
+  text = os.environ.get("TF_CONFIG")
+  slurm = any(os.environ.get(name) for name in
+              ("SLURM_JOB_ID", "SLURM_NTASKS", *_SLURM_STEP_VARIABLES))
+  if (text is not None and text.strip()) or not slurm:
+    parsed = parse_tf_config(text)
+    return Cluster("TF_CONFIG", parsed["cluster"], parsed["task"]["type"],
+                   parsed["task"]["index"])
+  return _slurm_cluster()
+
+
+def _slurm_int(name: str, default: int | None = None) -> int:
+  text = os.environ.get(name)
+  if not text and default is not None:
+    return default
+  try:
+    return int(text)
+  except (TypeError, ValueError):
+    raise DistributionError(f"{name}={text!r} is not a number; is this a Slurm job "
+                            "step?") from None
+
+
+def _slurm_cluster() -> Cluster:
+  """This srun step's cluster, through TensorFlow's SlurmClusterResolver.
+
+  The resolver reads the rank, the step's nodes and tasks per node, and lays the tasks
+  out over the sorted node names (srun's default block distribution), each node's tasks
+  on consecutive ports from the port base. The GPUs it would assign are not used (see
+  _slurm_gpus).
+  """
+  missing = [name for name in _SLURM_STEP_VARIABLES if not os.environ.get(name)]
+  if missing:
+    raise DistributionError(
+        f"--strategy=multi_worker in a Slurm job, but {', '.join(missing)} "
+        f"{'is' if len(missing) == 1 else 'are'} not set: this process is not a task of "
+        f"an srun step; {_SRUN_HINT}")
+  rank = _slurm_int("SLURM_PROCID")
+  _slurm_int("SLURM_STEP_NUM_TASKS")  # A clear message if it is not a number.
+  port_base = _slurm_int(PORT_BASE_VARIABLE, default=DEFAULT_PORT_BASE)
+  described = ", ".join(f"{name}={os.environ[name]!r}" for name in _SLURM_STEP_VARIABLES)
+  try:
+    # gpus_per_*: placeholders that let it lay out any number of tasks per node (it makes
+    # no task where it finds no GPU for it).
+    resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
+        port_base=port_base, gpus_per_node=sys.maxsize, gpus_per_task=1, auto_set_gpu=False)
+    jobs = resolver.cluster_spec().as_dict()
+  except (RuntimeError, ValueError) as e:
+    raise DistributionError(f"the Slurm job step cannot be read as a cluster ({e}); "
+                            f"{described}") from None
+  if resolver.task_type is None:
+    raise DistributionError(f"SLURM_PROCID={rank} is not a task of this step; {described}")
+  cluster = Cluster("Slurm", jobs, resolver.task_type, resolver.task_id)
+  bad = [a for job in jobs.values() for a in job if not _split_address(a)]
+  if bad:
+    raise DistributionError(f"Slurm tasks get ports from {PORT_BASE_VARIABLE}={port_base} "
+                            f"up; {', '.join(bad)} is not a usable address")
+  host, _ = _split_address(cluster.own_address)
+  node = os.environ.get("SLURMD_NODENAME")
+  if node and node != host:
+    raise DistributionError(
+        f"Slurm task {rank} runs on {node}, but the cluster places it on {host}: the "
+        "tasks must be laid out in blocks over the sorted nodes (srun's default "
+        "--distribution=block); use it, or set TF_CONFIG yourself")
+  same_node = [a for a in jobs[cluster.task_type] if _split_address(a)[0] == host]
+  gpus = _slurm_gpus(len(same_node), same_node.index(cluster.own_address))
+  return dataclasses.replace(cluster, gpus=gpus)
+
+
+def _slurm_gpus(tasks_here: int, local_index: int) -> int:
+  """Chooses this task's share of the node's GPUs; returns how many it uses.
+
+  Not the resolver's assignment: it numbers GPUs from 0 whatever Slurm allocated (wrong
+  when CUDA_VISIBLE_DEVICES is 2,3) and gives CPU-only nodes no tasks at all. Here the
+  GPUs this process sees are split evenly over the node's tasks, unless each task
+  already sees only its own (srun --gpus-per-task with binding, or fewer GPUs than tasks).
+  """
+  visible = _visible_gpus()
+  per_task = os.environ.get("SLURM_GPUS_PER_TASK", "").rpartition(":")[2]
+  already_bound = per_task.isdigit() and int(per_task) == len(visible)
+  if tasks_here == 1 or len(visible) < tasks_here or already_bound:
+    return len(visible)
+  share = len(visible) // tasks_here
+  mine = visible[local_index * share:(local_index + 1) * share]
+  os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+  logging.info("Slurm: %d task(s) on this node share %d GPU(s); this task uses "
+               "CUDA_VISIBLE_DEVICES=%s", tasks_here, len(visible), ",".join(mine))
+  return share
+
+
+def _visible_gpus() -> list[str]:
+  """The GPU ids this process may use, found without initialising CUDA."""
+  if "CUDA_VISIBLE_DEVICES" in os.environ:
+    ids = [i.strip() for i in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if i.strip()]
+    return [] if ids == ["NoDevFiles"] else ids  # What older Slurm sets for no GPUs.
+  if not shutil.which("nvidia-smi"):
+    return []
+  try:
+    output = subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, text=True,
+                            timeout=60, check=True).stdout
+  except (OSError, subprocess.SubprocessError) as e:
+    said = (getattr(e, "stderr", None) or "").strip()
+    raise DistributionError(f"`nvidia-smi --list-gpus` failed ({_first_line(e)}"
+                            f"{': ' + said.splitlines()[0] if said else ''}), so this task's "
+                            "GPUs are unknown; set CUDA_VISIBLE_DEVICES") from None
+  return [str(i) for i, _ in enumerate(l for l in output.splitlines()
+                                       if l.startswith("GPU "))]
+
+
+# The cluster this process joined, if any: at most one (TensorFlow cannot leave it).
+# main.py asks, to treat a failed collective as a lost peer and to say how to restart.
+_joined: Cluster | None = None
+
+
+def joined_cluster() -> Cluster | None:
+  """The cluster make_strategy joined in this process, or None (not multi-worker)."""
+  return _joined
+
+
 # The watchdog process of _Deadline: it waits for its stdin to close (the parent finished in
 # time, or died) and otherwise reports which peers do not listen and kills the parent.
 _WATCHDOG = r"""
@@ -199,8 +397,8 @@ for thread in threads:
   thread.join(3)
 silent = sorted(silent)
 detail = (f"; nothing listens at {', '.join(silent)}" if silent else
-          "; all of them accept connections but did not join (a different TF_CONFIG, or a "
-          "stale process on one of those ports?)")
+          "; all of them accept connections but did not join (a different TF_CONFIG or "
+          "Slurm step, or a stale process on one of those ports?)")
 sys.stderr.write(f"error: {message}{detail}\n")
 sys.stderr.flush()
 os.kill(parent, signal.SIGKILL)
@@ -230,19 +428,14 @@ class _Deadline:
     self._process.wait()
 
 
-def _multi_worker(gpus: list, all_reduce: str,
+def _multi_worker(cluster: Cluster, gpus: list, all_reduce: str,
                   peer_timeout_seconds: float) -> tf.distribute.MultiWorkerMirroredStrategy:
-  """MultiWorkerMirroredStrategy from TF_CONFIG, failing clearly when peers are absent."""
-  tf_config = parse_tf_config(os.environ.get("TF_CONFIG"))
-  cluster, task = tf_config["cluster"], tf_config["task"]
-  task_type, index = task["type"], task["index"]
-  own_address = cluster[task_type][index]
-  num_tasks = sum(len(addresses) for addresses in cluster.values())
-  chief = task_type == "chief" or (task_type == "worker" and index == 0
-                                   and "chief" not in cluster)
-  logging.info("multi_worker: this is task %s:%d (%s) of %d task(s), %s; cluster %s",
-               task_type, index, own_address, num_tasks,
-               "the chief" if chief else "not the chief", json.dumps(cluster))
+  """MultiWorkerMirroredStrategy over `cluster`, failing clearly when peers are absent."""
+  task = f"{cluster.task_type}:{cluster.task_index}"
+  logging.info("multi_worker: this is task %s (%s) of %d task(s), %s; cluster from %s: %s",
+               task, cluster.own_address, cluster.num_tasks,
+               "the chief" if cluster.is_chief else "not the chief", cluster.source,
+               json.dumps(cluster.jobs))
   implementations = {"auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
                      "ring": tf.distribute.experimental.CommunicationImplementation.RING,
                      "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL}
@@ -251,54 +444,73 @@ def _multi_worker(gpus: list, all_reduce: str,
                             "multi_worker takes auto, ring or nccl")
   if all_reduce == "nccl" and not gpus:
     raise DistributionError("--all_reduce=nccl needs GPUs on every worker; use ring or auto")
-  _check_port_free(own_address)
+  _check_port_free(cluster)
   # No CommunicationOptions.timeout_seconds: TensorFlow documents it as a debugging aid that
   # starts a thread per collective. Peers lost later abort the collectives anyway: a dead
   # process within a second (connection reset), a hung one within the coordination
   # service's 10 s heartbeat timeout (both measured here).
   options = tf.distribute.experimental.CommunicationOptions(
       implementation=implementations[all_reduce])
-  peers = [a for job in cluster.values() for a in job if a != own_address]
-
-  message = (f"multi_worker task {task_type}:{index} could not reach all of its "
-             f"{num_tasks - 1} peer(s) within --peer_timeout_seconds={peer_timeout_seconds}. "
-             "Start every task listed in TF_CONFIG, each with its own task type and index, and "
-             "check that this host can reach their addresses (firewall, hostname, port)")
+  resolver = _cluster_resolver(cluster, gpus)
+  started_by = ("Start every task listed in TF_CONFIG, each with its own task type and index"
+                if cluster.source == "TF_CONFIG" else
+                "Check that every task of the srun step started this trainer")
+  message = (f"multi_worker task {task} could not reach all of its {cluster.num_tasks - 1} "
+             f"peer(s) within --peer_timeout_seconds={peer_timeout_seconds}. {started_by}, "
+             "and that this host can reach their addresses (firewall, hostname, port)")
 
   started = time.time()
-  with _Deadline(peer_timeout_seconds, message, peers):
+  with _Deadline(peer_timeout_seconds, message, cluster.peers):
     try:
-      strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+      strategy = tf.distribute.MultiWorkerMirroredStrategy(
+          cluster_resolver=resolver, communication_options=options)
       # Constructing the strategy waits for the tasks to register; one tiny all-reduce also
       # proves that the collective path between the workers works before training starts.
       joined = _all_reduce_ones(strategy)
     except (tf.errors.OpError, ValueError, RuntimeError) as e:
-      raise DistributionError(f"multi_worker task {task_type}:{index} could not join the "
-                              f"cluster {json.dumps(cluster)}: {_first_line(e)}") from None
+      raise DistributionError(f"multi_worker task {task} could not join the cluster "
+                              f"{json.dumps(cluster.jobs)}: {_first_line(e)}") from None
   if joined != strategy.num_replicas_in_sync:
     raise DistributionError(f"multi_worker: {joined} replicas answered the first all-reduce,"
                             f" {strategy.num_replicas_in_sync} expected")
-  logging.info("multi_worker: task %s:%d joined %d task(s) in %.1f s; %d replica(s) in sync",
-               task_type, index, num_tasks, time.time() - started,
-               strategy.num_replicas_in_sync)
+  global _joined
+  _joined = cluster
+  logging.info("multi_worker: task %s joined %d task(s) in %.1f s; %d replica(s) in sync",
+               task, cluster.num_tasks, time.time() - started, strategy.num_replicas_in_sync)
   return strategy
 
 
-def _check_port_free(address: str) -> None:
+def _cluster_resolver(cluster: Cluster, gpus: list):
+  """The strategy's cluster resolver: None for TF_CONFIG (TensorFlow reads it itself)."""
+  if cluster.source == "TF_CONFIG":
+    return None
+  if cluster.gpus > len(gpus):
+    raise DistributionError(f"this Slurm task should use {cluster.gpus} GPU(s) but "
+                            f"TensorFlow sees {len(gpus)}{_gpu_hint()}")
+  # The strategy takes its replicas per worker from num_accelerators ({"GPU": 0}: the CPU).
+  return tf.distribute.cluster_resolver.SimpleClusterResolver(
+      tf.train.ClusterSpec(cluster.jobs), task_type=cluster.task_type,
+      task_id=cluster.task_index, num_accelerators={"GPU": cluster.gpus}, rpc_layer="grpc")
+
+
+def _check_port_free(cluster: Cluster) -> None:
   """Fails clearly when this task's own port is taken.
 
   TensorFlow would say only "Could not start gRPC server".
   """
+  address = cluster.own_address
   _, port = _split_address(address)
+  fix = (f"set {PORT_BASE_VARIABLE} to another first port" if cluster.source == "Slurm"
+         else "pick another port")
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
     # SO_REUSEADDR: a port in TIME_WAIT from a previous run is free for TensorFlow too.
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
       probe.bind(("", port))
     except OSError as e:
-      raise DistributionError(f"multi_worker: this task's address {address} (from TF_CONFIG) "
-                              f"cannot be used: port {port} is taken ({e.strerror}); stop the "
-                              "process holding it or pick another port") from None
+      raise DistributionError(f"multi_worker: this task's address {address} (from "
+                              f"{cluster.source}) cannot be used: port {port} is taken "
+                              f"({e.strerror}); stop the process holding it or {fix}") from None
 
 
 def _all_reduce_ones(strategy: tf.distribute.Strategy) -> int:

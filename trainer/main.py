@@ -85,7 +85,8 @@ flags.DEFINE_integer("validation_split", 0, "Hold out this many training images 
                      "evaluated once, at the end.", lower_bound=0)
 # Hardware.
 flags.DEFINE_enum("strategy", "auto", list(config_lib.STRATEGIES),
-                  "auto: mirrored over 2+ GPUs, one_device on one GPU, default on CPU.")
+                  "auto: multi_worker under TF_CONFIG or a multi-task Slurm step (srun), "
+                  "else mirrored over 2+ GPUs, one_device on one GPU, default on CPU.")
 flags.DEFINE_integer("num_gpus", None, "--strategy=mirrored: use this many local GPUs "
                      "(default: all).", lower_bound=1)
 flags.DEFINE_string("tpu", None, "--strategy=tpu: the TPU name or grpc:// address, or "
@@ -239,7 +240,7 @@ def _evaluate(config: config_lib.Config, strategy) -> str:
   extras = "".join(f", {key[len('test_'):].replace('_', ' ')} {value:.4f}"
                    for key, value in result.items()
                    if key.startswith("test_") and key.endswith("_accuracy")
-                   and key != "test_accuracy")
+                   and key != "test_accuracy" and isinstance(value, float))
   print(f"eval: {result['model']} {result['checkpoint']} (step {result['step']}): "
         f"test accuracy {result['test_accuracy']:.4f}, loss {result['test_loss']:.4f}"
         f"{extras} on {result['examples']} images", flush=True)
@@ -319,13 +320,15 @@ def main(argv):
           "same command to resume from the last one")
   except (tf.errors.UnavailableError, tf.errors.AbortedError,
           tf.errors.DeadlineExceededError) as e:
-    if config.strategy != "multi_worker":
+    from trainer import distribute
+    cluster = distribute.joined_cluster()
+    if cluster is None:
       raise
     # A collective op failed because a peer died or became unreachable mid-run.
     logging.info("the collective op failed with: %s", e.message)
     _fail(f"a peer worker was lost during training ({type(e).__name__}: "
-          f"{_root_cause(e.message)}); restart every worker with the same flags and "
-          "TF_CONFIG: the run resumes from the chief's last checkpoint", code=1)
+          f"{_root_cause(e.message)}); {cluster.restart_hint}: the run resumes from the "
+          "chief's last checkpoint", code=1)
 
 
 USAGE = """Train a ResNet (or its plain twin) on CIFAR-10, evaluate it, or export it.

@@ -263,6 +263,9 @@ def check_compatible(model_dir: str, config: Config, precision: str) -> None:
 
 def clear_run(model_dir: str) -> None:
   """Deletes what a run wrote into model_dir (for --overwrite), leaving other files."""
+  # The run's HParams session lives in event files of the run dir itself.
+  for path in tf.io.gfile.glob(os.path.join(model_dir, "events.out.tfevents.*")):
+    os.remove(path)
   for name in RUN_OUTPUTS:
     path = os.path.join(model_dir, name)
     if os.path.isdir(path):
