@@ -1,12 +1,170 @@
-"""Shared test set-up: two logical CPU devices (for MirroredStrategy tests), quiet TF logs."""
+"""Shared test set-up: two logical CPU devices (for MirroredStrategy tests), quiet TF logs,
+and the helpers several test files use (import them: `from conftest import run_main`)."""
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import pathlib  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 # Must happen before TensorFlow initialises its devices, hence at import time.
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0],
     [tf.config.LogicalDeviceConfiguration()] * 2)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# depth 8 (CIFAR family, n=1) on synthetic data: big enough to checkpoint, fast to run.
+# 4 steps an epoch, 32 test images.
+TINY_FLAGS = ["--depth=8", "--data_source=synthetic", "--global_batch_size=16",
+              "--steps_per_epoch=4", "--eval_steps=2", "--log_every_steps=1"]
+CLASSES = [f"class{i}" for i in range(10)]
+
+
+# Devices.
+
+def two_cpus() -> list[str]:
+  """The two logical CPUs made above."""
+  devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+  assert len(devices) == 2, "tests/conftest.py should have made two logical CPUs"
+  return devices
+
+
+def mirrored_on_two_cpus() -> tf.distribute.MirroredStrategy:
+  """A MirroredStrategy that leaves no collective behind for later tests.
+
+  Its default cross-device ops on CPUs are collectives whose keys restart at 1 in every
+  strategy object: a later test's collective of another shape then fails on the cached
+  one ("Shape mismatch in the collective instance 100").
+  """
+  return tf.distribute.MirroredStrategy(two_cpus(),
+                                        cross_device_ops=tf.distribute.ReductionToOneDevice())
+
+
+# The entrypoint, as a real process.
+
+def run_main(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+  """Runs `python -m trainer.main ARGS` from the repo root to the end; output captured."""
+  return subprocess.run([sys.executable, "-m", "trainer.main", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def run_and_kill(args: list[str], pattern: str, timeout: float = 300) -> None:
+  """Starts the trainer and SIGKILLs it as soon as a stderr line contains `pattern`."""
+  process = subprocess.Popen([sys.executable, "-m", "trainer.main", *args], cwd=REPO,
+                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+  deadline = time.time() + timeout
+  try:
+    for line in process.stderr:
+      if pattern in line:
+        process.send_signal(signal.SIGKILL)
+        break
+      assert time.time() < deadline, "timed out waiting for " + pattern
+    else:
+      pytest.fail(f"the run ended before printing {pattern!r}")
+  finally:
+    process.kill()
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> pathlib.Path:
+  """The model dir of a finished tiny run: TINY_FLAGS for 2 epochs (8 steps, ckpt-8).
+
+  For tests that only read it (evaluating or exporting it may add files; never train on).
+  """
+  model_dir = tmp_path_factory.mktemp("finished") / "run"
+  result = run_main(*TINY_FLAGS, "--epochs=2", f"--model_dir={model_dir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return model_dir
+
+
+# Image folders (--data_source=folder).
+
+def write_image(path: pathlib.Path, image: np.ndarray) -> None:
+  """Writes a PNG or JPEG (by the file's suffix), making its folder."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  encode = tf.io.encode_png if path.suffix == ".png" else tf.io.encode_jpeg
+  path.write_bytes(encode(image).numpy())
+
+
+def make_folder(root: pathlib.Path, classes=CLASSES, train: int = 4, test: int = 2,
+                suffix: str = ".png", learnable: bool = False) -> pathlib.Path:
+  """root/{train,test}/<class>/<i><suffix>: `train` and `test` 32x32 images per class.
+
+  Random pixels, or with `learnable` one colour per class plus noise (a ResNet-8 learns it
+  in a few steps). Seeded: the same arguments make the same images. A split with 0 images
+  gets no folder.
+  """
+  rng = np.random.default_rng(0)
+  colours = rng.integers(0, 256, (len(classes), 3)) if learnable else None
+  for split, count in (("train", train), ("test", test)):
+    for label, name in enumerate(classes):
+      for i in range(count):
+        if learnable:
+          image = np.clip(colours[label] + rng.normal(0, 20, (32, 32, 3)), 0, 255)
+          image = image.astype(np.uint8)
+        else:
+          image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        write_image(root / split / name / f"{i}{suffix}", image)
+  return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+  """image_folder(train=4, test=2, learnable=False) -> the root of a 10-class PNG folder
+  dataset (see make_folder), made once per session for each set of arguments."""
+  made = {}
+
+  def get(train: int = 4, test: int = 2, learnable: bool = False) -> pathlib.Path:
+    key = (train, test, learnable)
+    if key not in made:
+      made[key] = make_folder(tmp_path_factory.mktemp("images"), train=train, test=test,
+                              learnable=learnable)
+    return made[key]
+
+  return get
+
+
+# What a run wrote.
+
+def event_tags(log_dir: pathlib.Path) -> set[str]:
+  """Every summary tag written under a TensorBoard log dir."""
+  tags = set()
+  for path in log_dir.glob("events.out.tfevents.*"):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      tags.update(value.tag for value in event.summary.value)
+  return tags
+
+
+def logged(log_dir: pathlib.Path, tag: str) -> dict[int, float]:
+  """The scalar a TensorBoard log dir holds for `tag`: {step: value}."""
+  values = {}
+  for path in sorted(log_dir.glob("events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values
+
+
+def checkpoint_weights(path: pathlib.Path | str) -> dict[str, np.ndarray]:
+  """The model's variables in a checkpoint (a prefix, or a dir: its latest), keyed by
+  variable path ("stage1_block1_conv1/kernel") as `variable.path` names them."""
+  reader = tf.train.load_checkpoint(str(path))
+  weights = {}
+  for key in reader.get_variable_to_shape_map():
+    if key.startswith("model/"):
+      name = key[len("model/"):].removesuffix("/.ATTRIBUTES/VARIABLE_VALUE")
+      # tf.train.Checkpoint escapes "/" in a key as ".S" and "." as "..".
+      name = re.sub(r"\.(.)", lambda m: "/" if m.group(1) == "S" else m.group(1), name)
+      weights[name] = reader.get_tensor(key)
+  return weights

@@ -4,55 +4,20 @@ import json
 import os
 import pathlib
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# depth 8 (CIFAR family, n=1) on synthetic data: big enough to checkpoint, fast to run.
-BASE = ["--depth=8", "--data_source=synthetic", "--global_batch_size=16",
-        "--steps_per_epoch=4", "--eval_steps=2", "--log_every_steps=1"]
-
-
-def run_main(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "trainer.main", *BASE, *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout)
-
-
-def run_and_kill(args: list[str], pattern: str, timeout: float = 300) -> None:
-  """Starts the trainer and SIGKILLs it as soon as a stderr line contains `pattern`."""
-  process = subprocess.Popen([sys.executable, "-m", "trainer.main", *BASE, *args], cwd=REPO,
-                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-  deadline = time.time() + timeout
-  try:
-    for line in process.stderr:
-      if pattern in line:
-        process.send_signal(signal.SIGKILL)
-        break
-      assert time.time() < deadline, "timed out waiting for " + pattern
-    else:
-      pytest.fail(f"the run ended before printing {pattern!r}")
-  finally:
-    process.kill()
-    process.wait()
-
-
-def model_weights(model_dir: pathlib.Path) -> dict[str, np.ndarray]:
-  """The model's variables in the latest checkpoint of a run."""
-  reader = tf.train.load_checkpoint(str(model_dir / "checkpoints"))
-  return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
-          if name.startswith("model/")}
+from conftest import REPO, TINY_FLAGS, checkpoint_weights, run_and_kill, run_main
 
 
 def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(tmp_path):
   args = ["--epochs=3", "--deterministic", "--checkpoint_every_steps=1"]
   reference = tmp_path / "reference"
-  result = run_main(*args, f"--model_dir={reference}")
+  result = run_main(*TINY_FLAGS, *args, f"--model_dir={reference}")
   assert result.returncode == 0, result.stderr[-3000:]
 
   crashed = tmp_path / "crashed"
@@ -60,10 +25,10 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(tmp_path):
   # Mid-epoch (right after step 2's log line, while step 3 runs or step 2 is saved),
   # during the first evaluation, and during the second epoch's checkpoint saves.
   for pattern in ("step 2/12", "evaluating on", "step 6/12"):
-    run_and_kill(flags, pattern)
+    run_and_kill([*TINY_FLAGS, *flags], pattern)
     metrics_file = crashed / "metrics.json"
     assert not metrics_file.exists()
-  result = run_main(*flags)
+  result = run_main(*TINY_FLAGS, *flags)
   assert result.returncode == 0, result.stderr[-3000:]
   metrics = json.loads((crashed / "metrics.json").read_text())
   assert metrics["steps"] == 12 and metrics["epochs"] == 3
@@ -71,7 +36,8 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(tmp_path):
   assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
 
   # Deterministic data, op determinism and an exact restore: bit-identical weights.
-  expected, actual = model_weights(reference), model_weights(crashed)
+  expected = checkpoint_weights(reference / "checkpoints")
+  actual = checkpoint_weights(crashed / "checkpoints")
   assert expected.keys() == actual.keys() and expected
   for name in expected:
     np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
@@ -79,10 +45,10 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(tmp_path):
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
   model_dir = tmp_path / "run"
-  assert run_main("--epochs=2", f"--model_dir={model_dir}").returncode == 0
+  assert run_main(*TINY_FLAGS, "--epochs=2", f"--model_dir={model_dir}").returncode == 0
   latest = model_dir / "checkpoints" / "ckpt-8.data-00000-of-00001"
   latest.write_bytes(latest.read_bytes()[:100])  # A truncated write.
-  result = run_main("--epochs=3", f"--model_dir={model_dir}")
+  result = run_main(*TINY_FLAGS, "--epochs=3", f"--model_dir={model_dir}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "ckpt-8 is unreadable" in result.stderr
   metrics = json.loads((model_dir / "metrics.json").read_text())
@@ -96,16 +62,17 @@ def _snapshot(directory: pathlib.Path) -> dict[str, tuple[int, int]]:
 
 def test_different_architecture_is_refused_and_nothing_changes(tmp_path):
   model_dir = tmp_path / "run"
-  assert run_main("--epochs=1", f"--model_dir={model_dir}").returncode == 0
+  assert run_main(*TINY_FLAGS, "--epochs=1", f"--model_dir={model_dir}").returncode == 0
   before = _snapshot(model_dir)
-  result = run_main("--epochs=1", "--plain=true", "--global_batch_size=32",
+  result = run_main(*TINY_FLAGS, "--epochs=1", "--plain=true", "--global_batch_size=32",
                     f"--model_dir={model_dir}")
   assert result.returncode == 2
   assert "--plain: False" in result.stderr and "--global_batch_size: 16" in result.stderr
   assert "--overwrite" in result.stderr and "Traceback" not in result.stderr
   assert _snapshot(model_dir) == before
 
-  result = run_main("--epochs=1", "--plain=true", "--overwrite", f"--model_dir={model_dir}")
+  result = run_main(*TINY_FLAGS, "--epochs=1", "--plain=true", "--overwrite",
+                    f"--model_dir={model_dir}")
   assert result.returncode == 0, result.stderr[-3000:]
   config = json.loads((model_dir / "config.json").read_text())
   assert config["plain"] is True and config["model"] == "plain8"
@@ -115,18 +82,18 @@ def test_different_architecture_is_refused_and_nothing_changes(tmp_path):
 def test_unwritable_model_dir_fails_before_training(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
-  result = run_main("--epochs=1", f"--model_dir={blocker}/run")
+  result = run_main(*TINY_FLAGS, "--epochs=1", f"--model_dir={blocker}/run")
   assert result.returncode == 2
   assert "not writable" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_full_disk_fails_before_training(tmp_path, monkeypatch):
-  from trainer import checkpoints, config as config_lib, train
-  monkeypatch.setattr(checkpoints.shutil, "disk_usage",
+  from trainer import config as config_lib, errors, run_dir, train
+  monkeypatch.setattr(run_dir.shutil, "disk_usage",
                       lambda path: type("Usage", (), {"free": 1 << 20})())
   config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=16,
                              steps_per_epoch=2, epochs=1, model_dir=str(tmp_path / "run"))
-  with pytest.raises(config_lib.ConfigError, match="MiB free"):
+  with pytest.raises(errors.RunDirError, match="MiB free"):
     train.train_and_evaluate(config, tf.distribute.get_strategy())
   assert not (tmp_path / "run" / "checkpoints").exists()
   assert not (tmp_path / "run" / "config.json").exists()
@@ -134,13 +101,15 @@ def test_full_disk_fails_before_training(tmp_path, monkeypatch):
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
   model_dir = tmp_path / "run"
-  assert run_main("--epochs=1", f"--model_dir={model_dir}").returncode == 0
+  assert run_main(*TINY_FLAGS, "--epochs=1", f"--model_dir={model_dir}").returncode == 0
   metrics_before = (model_dir / "metrics.json").read_text()
-  result = run_main("--epochs=3", "--learning_rate=1e30", "--checkpoint_every_steps=1",
-                    f"--model_dir={model_dir}")
+  result = run_main(*TINY_FLAGS, "--epochs=3", "--learning_rate=1e30",
+                    "--checkpoint_every_steps=1", f"--model_dir={model_dir}")
   assert result.returncode == 1
-  assert "NaN or Inf at step" in result.stderr and "Traceback" not in result.stderr
-  bad_step = int(re.search(r"NaN or Inf at step (\d+)", result.stderr).group(1))
+  diverged = re.search(r"(?:NaN or Inf|exploded) (?:at|between step \d+ and) step (\d+)",
+                       result.stderr)
+  assert diverged and "Traceback" not in result.stderr, result.stderr[-3000:]
+  bad_step = int(diverged.group(1))
   latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
   # Nothing was saved from the step that went bad on.
   assert 4 <= int(latest.rsplit("-", 1)[1]) < bad_step
@@ -154,7 +123,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
 
 
 def test_a_failing_worker_removes_its_scratch_dir(tmp_path, monkeypatch):
-  from trainer import config as config_lib, distribute, train
+  from trainer import config as config_lib, distribute, errors, train
   scratch_root = tmp_path / "tmp"
   scratch_root.mkdir()
   monkeypatch.setattr(train.tempfile, "tempdir", str(scratch_root))
@@ -163,50 +132,43 @@ def test_a_failing_worker_removes_its_scratch_dir(tmp_path, monkeypatch):
   config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=16,
                              steps_per_epoch=4, eval_steps=2, epochs=3, learning_rate=1e30,
                              checkpoint_every_steps=1, model_dir=str(tmp_path / "run"))
-  with pytest.raises(train.TrainingError, match="NaN or Inf"):
+  with pytest.raises(errors.TrainingError, match="NaN or Inf"):
     train.train_and_evaluate(config, tf.distribute.get_strategy())
   assert not list(scratch_root.glob("resnet-cifar-worker-*"))  # autograph's files stay
   assert not (tmp_path / "run").exists()
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> pathlib.Path:
-  model_dir = tmp_path_factory.mktemp("trained") / "run"
-  result = run_main("--epochs=2", f"--model_dir={model_dir}")
-  assert result.returncode == 0, result.stderr[-3000:]
-  return model_dir
-
-
 @pytest.mark.parametrize("which", ["latest", "best"])
-def test_eval_mode_writes_metrics(trained_run, which):
-  result = run_main("--mode=eval", f"--checkpoint={which}", f"--model_dir={trained_run}")
+def test_eval_mode_writes_metrics(finished_run, which):
+  result = run_main(*TINY_FLAGS, "--mode=eval", f"--checkpoint={which}",
+                    f"--model_dir={finished_run}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "test accuracy" in result.stdout
-  metrics = json.loads((trained_run / "eval.json").read_text())
+  metrics = json.loads((finished_run / "eval.json").read_text())
   assert 0.0 <= metrics["test_accuracy"] <= 1.0
   assert metrics["examples"] == 32  # --eval_steps=2 x 16
   if which == "latest":
     assert metrics["checkpoint"].endswith("checkpoints/ckpt-8")
 
 
-def test_eval_mode_with_flip_reports_it(trained_run):
-  result = run_main("--mode=eval", "--eval_flip", f"--model_dir={trained_run}")
+def test_eval_mode_with_flip_reports_it(finished_run):
+  result = run_main(*TINY_FLAGS, "--mode=eval", "--eval_flip", f"--model_dir={finished_run}")
   assert result.returncode == 0, result.stderr[-3000:]
-  metrics = json.loads((trained_run / "eval.json").read_text())
+  metrics = json.loads((finished_run / "eval.json").read_text())
   assert 0.0 <= metrics["test_flip_accuracy"] <= 1.0
   assert f"flip accuracy {metrics['test_flip_accuracy']:.4f}" in result.stdout
 
 
 def test_eval_and_export_without_checkpoint_fail_clearly(tmp_path):
   for mode in ("eval", "export"):
-    result = run_main(f"--mode={mode}", f"--model_dir={tmp_path / 'empty'}")
+    result = run_main(*TINY_FLAGS, f"--mode={mode}", f"--model_dir={tmp_path / 'empty'}")
     assert result.returncode == 2
     assert "no checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_export_round_trip_in_a_fresh_process(trained_run, tmp_path):
-  result = run_main("--mode=export", "--checkpoint=latest", f"--model_dir={trained_run}",
-                    f"--export_dir={tmp_path / 'export'}")
+def test_export_round_trip_in_a_fresh_process(finished_run, tmp_path):
+  result = run_main(*TINY_FLAGS, "--mode=export", "--checkpoint=latest",
+                    f"--model_dir={finished_run}", f"--export_dir={tmp_path / 'export'}")
   assert result.returncode == 0, result.stderr[-3000:]
   images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
   np.save(tmp_path / "images.npy", images)
@@ -215,7 +177,7 @@ import numpy as np, tensorflow as tf, keras
 import trainer.resnet  # registers the custom shortcut layer for .keras loading
 images = np.load({str(tmp_path / 'images.npy')!r})
 loaded = tf.saved_model.load({str(tmp_path / 'export' / 'saved_model')!r})
-np.save({str(tmp_path / 'saved_model.npy')!r}, loaded.serve(tf.constant(images)).numpy())
+np.save({str(tmp_path / 'saved_model.npy')!r}, loaded.serve(tf.constant(images))["logits"].numpy())
 model = keras.saving.load_model({str(tmp_path / 'export' / 'model.keras')!r})
 np.save({str(tmp_path / 'keras.npy')!r}, model(images, training=False).numpy())
 """
@@ -226,12 +188,12 @@ np.save({str(tmp_path / 'keras.npy')!r}, model(images, training=False).numpy())
   # The reference: the same checkpoint restored into a freshly built model here.
   import keras
   from input_pipeline import pipeline
-  from trainer import checkpoints, resnet
+  from trainer import resnet, state
   keras.mixed_precision.set_global_policy("float32")
   model = resnet.build_model(resnet.architecture(8), input_mean=pipeline.CIFAR10_MEAN,
                              input_std=pipeline.CIFAR10_STD)
-  tf.train.Checkpoint(model=checkpoints.variables_by_path(model.variables)).restore(
-      str(trained_run / "checkpoints" / "ckpt-8")).expect_partial()
+  tf.train.Checkpoint(model=state.variables_by_path(model.variables)).restore(
+      str(finished_run / "checkpoints" / "ckpt-8")).expect_partial()
   expected = model(images, training=False).numpy()
   for name in ("saved_model", "keras"):
     np.testing.assert_allclose(np.load(tmp_path / f"{name}.npy"), expected, rtol=1e-5,

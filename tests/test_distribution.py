@@ -1,6 +1,6 @@
 """Distribution tests: strategy choice, mirrored vs default numerics, mixed precision with XLA
-under MirroredStrategy, a real two-worker run, and clear failures for bad settings.
-"""
+under MirroredStrategy, a real two-worker run (each worker through the in-process seam,
+train.run_training), and clear failures for bad settings."""
 
 import contextlib
 import json
@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import REPO, logged, mirrored_on_two_cpus
 from trainer import config as config_lib
 from trainer import distribute, train
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-NUM_CLASSES = 10
 # Subprocess deadlines: generous for a loaded 2-core machine, yet finite.
 RUN_TIMEOUT = 240
 ERROR_TIMEOUT = 120
@@ -30,22 +29,12 @@ PEER_TIMEOUT = 5
 
 
 @pytest.fixture(scope="module")
-def learnable_folder(tmp_path_factory) -> pathlib.Path:
+def learnable_folder(image_folder) -> pathlib.Path:
   """A folder dataset a ResNet-8 learns in a few steps: one colour per class, plus noise.
 
   8 train images per class (10 steps of 8 per epoch) and 1 test image per class.
   """
-  root = tmp_path_factory.mktemp("learnable")
-  rng = np.random.default_rng(0)
-  colours = rng.integers(0, 256, (NUM_CLASSES, 3))
-  for split, count in (("train", 8), ("test", 1)):
-    for label in range(NUM_CLASSES):
-      folder = root / split / f"class{label}"
-      folder.mkdir(parents=True)
-      for i in range(count):
-        image = np.clip(colours[label] + rng.normal(0, 20, (32, 32, 3)), 0, 255)
-        (folder / f"{i}.png").write_bytes(tf.io.encode_png(image.astype(np.uint8)).numpy())
-  return root
+  return image_folder(train=8, test=1, learnable=True)
 
 
 @pytest.fixture
@@ -60,23 +49,6 @@ def isolated_globals():
   keras.mixed_precision.set_global_policy(policy)
 
 
-def two_cpus() -> list[str]:
-  devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-  assert len(devices) == 2, "tests/conftest.py should have made two logical CPUs"
-  return devices
-
-
-def mirrored_on_two_cpus() -> tf.distribute.MirroredStrategy:
-  """A MirroredStrategy that leaves no collective behind for later tests.
-
-  Its default cross-device ops on CPUs are collectives whose keys restart at 1 in every
-  strategy object: a later test's collective of another shape then fails on the cached
-  one ("Shape mismatch in the collective instance 100").
-  """
-  return tf.distribute.MirroredStrategy(two_cpus(),
-                                        cross_device_ops=tf.distribute.ReductionToOneDevice())
-
-
 def free_ports(count: int) -> list[int]:
   """Ports nobody listens on now (the OS hands out each once; a tiny race remains)."""
   with contextlib.ExitStack() as stack:
@@ -89,17 +61,6 @@ def free_ports(count: int) -> list[int]:
 def tf_config(ports: list[int], index: int) -> str:
   return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
                      "task": {"type": "worker", "index": index}})
-
-
-def logged_losses(model_dir: pathlib.Path) -> dict[int, float]:
-  """The per-step training loss the trainer wrote to TensorBoard: {step: loss}."""
-  losses = {}
-  for path in sorted((model_dir / "train").glob("events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(str(path)):
-      for value in event.summary.value:
-        if value.tag == "loss":
-          losses[event.step] = float(tf.make_ndarray(value.tensor))
-  return losses
 
 
 def training_args(model_dir, data_dir, *extra: str) -> list[str]:
@@ -304,7 +265,7 @@ def test_mirrored_on_two_cpus_follows_the_default_strategy_loss_trajectory(
         config_lib.Config(**{**config.__dict__, "model_dir": str(model_dir)}),
         distribute.make_strategy(name))
     assert metrics["replicas"] == (2 if name == "mirrored" else 1)
-    trajectories[name] = logged_losses(model_dir)
+    trajectories[name] = logged(model_dir / "train", "loss")
   assert sorted(trajectories["default"]) == list(range(1, 11))
   assert sorted(trajectories["mirrored"]) == list(range(1, 11))
   default = np.array([trajectories["default"][s] for s in range(1, 11)])
@@ -343,7 +304,7 @@ def test_mixed_precision_with_xla_under_mirrored_trains(mixed_precision_runs, pr
   assert "Compiled cluster using XLA" in log  # The per-replica step, under the strategy.
   metrics = json.loads((result["model_dir"] / "metrics.json").read_text())
   assert metrics["precision"] == precision and metrics["jit_compile"] is True
-  losses = logged_losses(result["model_dir"])
+  losses = logged(result["model_dir"] / "train", "loss")
   assert sorted(losses) == list(range(1, 21))
   values = np.array([losses[s] for s in range(1, 21)])
   assert np.isfinite(values).all(), values
@@ -355,25 +316,24 @@ def test_mixed_precision_with_xla_under_mirrored_trains(mixed_precision_runs, pr
 
 # Two real workers on 127.0.0.1.
 
-# Runs trainer.main's entrypoint unchanged, then prints digests of the final weights and the
-# scratch dirs made, so that the test can compare the workers without changing the trainer.
-WEIGHTS_PROBE = '''
-import hashlib, tempfile
-from absl import app
-from trainer import main, resnet
+# The in-process seam in a worker process: trainer.main's own flag parsing and strategy
+# construction, then train.run_training, whose outcome holds the trained state and where
+# this worker wrote; it prints their digests for the test to compare the workers.
+SEAM_PROBE = '''
+import hashlib, sys
+from absl import logging
+from trainer import main  # First: it quiets TensorFlow's C++ start-up before the import.
+from trainer import distribute, train
 
-built, scratch = [], []
-build_model, mkdtemp = resnet.build_model, tempfile.mkdtemp
-
-def recording_build_model(*args, **kwargs):
-  built.append(build_model(*args, **kwargs))
-  return built[-1]
-
-def recording_mkdtemp(*args, **kwargs):
-  scratch.append(mkdtemp(*args, **kwargs))
-  return scratch[-1]
-
-resnet.build_model, tempfile.mkdtemp = recording_build_model, recording_mkdtemp
+main.FLAGS(sys.argv)
+logging.use_absl_handler()  # What absl's app.run does: INFO lines on stderr.
+logging.set_verbosity(logging.INFO)
+config = main.config_from_flags()
+distribute.configure_cpu_devices(config.cpu_devices)
+strategy = distribute.make_strategy(
+    config.strategy, num_gpus=config.num_gpus, tpu=config.tpu,
+    all_reduce=config.all_reduce, peer_timeout_seconds=config.peer_timeout_seconds)
+outcome = train.run_training(config, strategy)
 
 def digest(variables):
   hashed = hashlib.sha256()
@@ -382,17 +342,9 @@ def digest(variables):
     hashed.update(variable.numpy().tobytes())
   return f"{len(variables)} {hashed.hexdigest()}"
 
-def probed_main(argv):
-  try:
-    main.main(argv)
-  finally:
-    for path in scratch:
-      print("PROBE scratch", path, flush=True)
-    if built:
-      print("PROBE trainable", digest(built[-1].trainable_variables), flush=True)
-      print("PROBE non_trainable", digest(built[-1].non_trainable_variables), flush=True)
-
-app.run(probed_main)
+print("PROBE out_dir", outcome.out_dir, flush=True)
+print("PROBE trainable", digest(outcome.state.model.trainable_variables), flush=True)
+print("PROBE non_trainable", digest(outcome.state.model.non_trainable_variables), flush=True)
 '''
 
 
@@ -406,7 +358,7 @@ def two_workers(tmp_path_factory, learnable_folder) -> dict:
   """Two workers of one cluster on 127.0.0.1, 10 steps; their runs, model dir and TMPDIRs."""
   root = tmp_path_factory.mktemp("two_workers")
   probe = root / "probe.py"
-  probe.write_text(WEIGHTS_PROBE)
+  probe.write_text(SEAM_PROBE)
   model_dir = root / "run"  # Shared, as on a cluster with a shared file system.
   ports = free_ports(2)
   args = training_args(model_dir, learnable_folder, "--strategy=multi_worker",
@@ -436,12 +388,15 @@ def test_two_local_workers_finish_and_only_the_chief_writes(two_workers):
   assert event_files and all(f".{runs[0].pid}." in f.name for f in event_files), event_files
   metrics = json.loads((model_dir / "metrics.json").read_text())
   assert metrics["replicas"] == 2 and metrics["steps"] == 10
-  # The other worker wrote to a scratch dir of its own, and removed it.
-  worker_scratch = [p for p in probe_lines(runs[1].stdout, "scratch")
-                    if "resnet-cifar-worker-" in p]
-  assert worker_scratch and not any(os.path.exists(p) for p in worker_scratch)
-  assert not probe_lines(runs[0].stdout, "scratch")
-  assert not any(two_workers["scratch_roots"][1].iterdir())
+  # The chief wrote to the model dir; the other worker to a scratch dir of its own in its
+  # TMPDIR, and removed it.
+  assert probe_lines(runs[0].stdout, "out_dir") == [str(model_dir)]
+  [worker_scratch] = probe_lines(runs[1].stdout, "out_dir")
+  scratch_root = two_workers["scratch_roots"][1]
+  assert pathlib.Path(worker_scratch).parent == scratch_root, worker_scratch
+  assert pathlib.Path(worker_scratch).name.startswith("resnet-cifar-worker-")
+  assert not os.path.exists(worker_scratch)
+  assert not any(scratch_root.iterdir())
 
 
 def test_two_local_workers_end_with_identical_trainable_weights(two_workers):
@@ -519,7 +474,8 @@ def test_bad_distribution_settings_fail_clearly_and_write_nothing(error_runs, ca
 def test_a_worker_whose_peer_never_comes_up_fails_in_bounded_time(error_runs, index):
   run, model_dir = error_runs[f"peer_never_up_{index}"]
   stderr = run.stderr
-  assert run.returncode != 0
+  # The watchdog's SIGKILL: what a shell reports as exit status 137 (README).
+  assert run.returncode == -signal.SIGKILL, stderr[-3000:]
   assert (f"error: multi_worker task worker:{index} could not reach all of its 1 peer(s) "
           f"within --peer_timeout_seconds={PEER_TIMEOUT}") in stderr, stderr[-3000:]
   assert "nothing listens at 127.0.0.1:" in stderr
@@ -584,18 +540,20 @@ def test_a_peer_lost_mid_run_ends_the_chief_with_a_clear_message(tmp_path):
       run.kill()
 
 
-def test_sigterm_stops_a_worker_even_though_tensorflow_installs_its_own_handler(tmp_path):
-  """The coordination service's preemption notifier would swallow SIGTERM; main takes it back."""
+def test_sigterm_stops_both_workers_even_though_tensorflow_installs_its_own_handler(
+    tmp_path):
+  """The coordination service's preemption notifier would swallow SIGTERM; main takes it
+  back, and both workers save at one step and stop (tests/test_preemption.py resumes)."""
   runs = two_long_workers(tmp_path)
   try:
     wait_until_training(runs)
     runs[1].process.send_signal(signal.SIGTERM)
     finish(runs, ERROR_TIMEOUT)
-    assert runs[1].returncode == 143, runs[1].stderr[-3000:]
-    assert "error: terminated (SIGTERM); checkpoints in" in runs[1].stderr
-    assert runs[0].returncode == 1, runs[0].stderr[-3000:]
-    assert "error: a peer worker was lost during training" in runs[0].stderr
-    assert all("Traceback" not in run.stderr for run in runs)
+    for run in runs:
+      assert run.returncode == 143, run.stderr[-3000:]
+      assert re.search(r"error: terminated \(SIGTERM\); saved \S+/ckpt-(\d+) \(step \1\)",
+                       run.stderr), run.stderr[-3000:]
+      assert "Traceback" not in run.stderr
   finally:
     for run in runs:
       run.kill()

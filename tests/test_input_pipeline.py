@@ -1,9 +1,9 @@
 """Tests of input_pipeline/: the transforms on random uint8 images (eagerly and inside
 tf.data), determinism and resume, sharding, evaluation padding, and every bad input."""
 
+import functools
 import importlib.resources
 import pathlib
-import subprocess
 import sys
 import time
 from unittest import mock
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import make_folder, run_main, write_image
 from input_pipeline import pipeline, sources
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 PAD = pipeline.PAD
 
 
@@ -195,10 +195,11 @@ def test_two_input_contexts_train_on_disjoint_shards_that_cover_the_data():
 
 def test_eval_pipeline_is_the_identity_in_order_with_zero_weight_padding():
   images, dataset = labelled_dataset(21)
-  evaluation = pipeline.eval_pipeline(dataset, per_replica_batch_size=8, num_examples=21)
+  evaluation = pipeline.eval_pipeline(dataset, per_replica_batch_size=8, num_examples=21,
+                                      global_steps=3)
   assert evaluation.element_spec[0].shape == (8, 32, 32, 3)
   batches = take(evaluation, 100)
-  assert len(batches) == pipeline.eval_steps(21, 8) == 3
+  assert len(batches) == 3
   out_images = np.concatenate([b[0] for b in batches])
   out_labels = np.concatenate([b[1] for b in batches])
   weights = np.concatenate([b[2] for b in batches])
@@ -216,15 +217,16 @@ def test_eval_pipelines_see_every_example_once_in_the_same_number_of_batches(
     pipelines, replicas):
   _, dataset = labelled_dataset(37)
   global_batch_size = 4 * replicas
+  steps = -(-37 // global_batch_size)  # what the trainer's plan computes
   counts, labels = [], []
   for context in contexts(pipelines, replicas):
     batches = take(pipeline.eval_pipeline(
         dataset, per_replica_batch_size=context.get_per_replica_batch_size(
-            global_batch_size), num_examples=37, input_context=context), 100)
+            global_batch_size), num_examples=37, global_steps=steps,
+        input_context=context), 100)
     counts.append(len(batches))
     for _, batch_labels, weights in batches:
       labels += list(batch_labels[weights > 0])
-  steps = pipeline.eval_steps(37, global_batch_size)
   assert counts == [steps * replicas // pipelines] * pipelines
   assert sorted(labels) == list(range(37))
 
@@ -232,7 +234,14 @@ def test_eval_pipelines_see_every_example_once_in_the_same_number_of_batches(
 def test_eval_pipeline_rejects_a_dataset_larger_than_num_examples():
   _, dataset = labelled_dataset(10)
   with pytest.raises(tf.errors.InvalidArgumentError, match="does not hold num_examples"):
-    take(pipeline.eval_pipeline(dataset, per_replica_batch_size=4, num_examples=8), 10)
+    take(pipeline.eval_pipeline(dataset, per_replica_batch_size=4, num_examples=8,
+                                global_steps=2), 10)
+
+
+def test_eval_pipeline_rejects_steps_that_do_not_cover_the_examples():
+  _, dataset = labelled_dataset(10)
+  with pytest.raises(ValueError, match="do not cover num_examples=10"):
+    pipeline.eval_pipeline(dataset, per_replica_batch_size=4, num_examples=10, global_steps=2)
 
 
 def test_mirrored_strategy_gets_per_replica_batches_and_exact_evaluation():
@@ -248,7 +257,7 @@ def test_mirrored_strategy_gets_per_replica_batches_and_exact_evaluation():
   def eval_fn(context):
     return pipeline.eval_pipeline(dataset, per_replica_batch_size=
                                   context.get_per_replica_batch_size(8), num_examples=40,
-                                  input_context=context)
+                                  global_steps=5, input_context=context)
 
   images, labels = next(iter(strategy.distribute_datasets_from_function(train_fn)))
   assert [t.shape for t in strategy.experimental_local_results(images)] == [(4, 32, 32, 3)] * 2
@@ -268,25 +277,13 @@ def test_train_pipeline_rejects_a_batch_larger_than_the_shard():
 
 # Sources.
 
-def write_image(path: pathlib.Path, image: np.ndarray) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  encode = tf.io.encode_png if path.suffix == ".png" else tf.io.encode_jpeg
-  path.write_bytes(encode(image).numpy())
-
-
-def make_folder(root: pathlib.Path, classes=("cat", "airplane", "dog"), train=3, test=2,
-                suffix=".png") -> pathlib.Path:
-  rng = np.random.default_rng(0)
-  for split, count in (("train", train), ("test", test)):
-    for name in classes:
-      for i in range(count):
-        write_image(root / split / name / f"{i}{suffix}",
-                    rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-  return root
+# 3 train and 2 test PNGs of 3 classes, listed out of order: labels follow sorted names.
+small_folder = functools.partial(make_folder, classes=("cat", "airplane", "dog"),
+                                 train=3, test=2)
 
 
 def test_folder_labels_follow_sorted_class_folder_names(tmp_path):
-  root = make_folder(tmp_path)
+  root = small_folder(tmp_path)
   image = random_images(1, seed=9)[0]
   write_image(root / "train" / "dog" / "z.png", image)
   train, test = sources.load_splits("folder", str(root))
@@ -309,7 +306,7 @@ def test_folder_reads_jpeg_and_many_files(tmp_path):
 
 
 def test_folder_converts_grayscale_to_rgb(tmp_path):
-  root = make_folder(tmp_path)
+  root = small_folder(tmp_path)
   gray = random_images(1, shape=(32, 32, 1))[0]
   write_image(root / "train" / "cat" / "gray.png", gray)
   train, _ = sources.load_splits("folder", str(root))
@@ -319,20 +316,20 @@ def test_folder_converts_grayscale_to_rgb(tmp_path):
 
 @pytest.mark.parametrize("breakage, message", [
     (lambda root: None, "data dir does not exist"),
-    (lambda root: make_folder(root, test=0), "test: no such directory"),
-    (lambda root: (make_folder(root), _remove_tree(root / "train")),
+    (lambda root: small_folder(root, test=0), "test: no such directory"),
+    (lambda root: (small_folder(root), _remove_tree(root / "train")),
      "train: no such directory"),
-    (lambda root: (make_folder(root), (root / "train" / "horse").mkdir(),
+    (lambda root: (small_folder(root), (root / "train" / "horse").mkdir(),
                    (root / "test" / "horse").mkdir()), "horse: class folder is empty"),
-    (lambda root: (make_folder(root), (root / "train" / "horse").mkdir()),
+    (lambda root: (small_folder(root), (root / "train" / "horse").mkdir()),
      "different class folders"),
-    (lambda root: (make_folder(root), (root / "train" / "cat" / "3.png").write_bytes(
+    (lambda root: (small_folder(root), (root / "train" / "cat" / "3.png").write_bytes(
         b"not a png")), "3.png: not a readable PNG/JPEG image"),
-    (lambda root: (make_folder(root), (root / "train" / "cat" / "4.jpg").write_bytes(b"")),
+    (lambda root: (small_folder(root), (root / "train" / "cat" / "4.jpg").write_bytes(b"")),
      "4.jpg: not a readable PNG/JPEG image"),
-    (lambda root: (make_folder(root), (root / "test" / "dog" / "notes.txt").write_text(
+    (lambda root: (small_folder(root), (root / "test" / "dog" / "notes.txt").write_text(
         "hello")), "notes.txt: not an image file"),
-    (lambda root: (make_folder(root), write_image(
+    (lambda root: (small_folder(root), write_image(
         root / "train" / "dog" / "big.png", random_images(1, shape=(64, 48, 3))[0])),
      "big.png: image is 48x64 pixels, expected 32x32"),
 ])
@@ -358,17 +355,15 @@ def test_a_bad_image_deep_in_a_big_folder_is_named(tmp_path):
 
 
 def test_hidden_files_in_class_folders_are_ignored(tmp_path):
-  root = make_folder(tmp_path)
+  root = small_folder(tmp_path)
   (root / "train" / "cat" / ".DS_Store").write_bytes(b"\x00\x01")
   train, _ = sources.load_splits("folder", str(root))
   assert train.num_examples == 9
 
 
 def test_trainer_exits_2_with_the_message_on_bad_data(tmp_path):
-  result = subprocess.run(
-      [sys.executable, "-m", "trainer.main", "--data_source=folder",
-       f"--data_dir={tmp_path / 'missing'}", f"--model_dir={tmp_path / 'run'}"],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+  result = run_main("--data_source=folder", f"--data_dir={tmp_path / 'missing'}",
+                    f"--model_dir={tmp_path / 'run'}", timeout=120)
   assert result.returncode == 2
   assert f"{tmp_path / 'missing'}: data dir does not exist" in result.stderr
   assert "Traceback" not in result.stderr

@@ -2,21 +2,18 @@
 position; EMA and flip-TTA evaluation."""
 
 import math
-import pathlib
-import signal
-import subprocess
-import sys
 
 from absl import flags
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import logged, run_and_kill, run_main
 from trainer import config as config_lib
 from trainer import main as main_lib
-from trainer import resnet, train
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from trainer import data, evaluation, resnet, train
+from trainer import schedule as schedule_lib
+from trainer import state as state_lib
 
 
 def config_for(*argv: str) -> config_lib.Config:
@@ -67,11 +64,11 @@ def test_every_part_stays_overridable():
 ])
 def test_he2016_schedule_in_steps(batch, depth, total, boundaries, warmup):
   config = config_for("--recipe=he2016", f"--depth={depth}", f"--global_batch_size={batch}")
-  schedule = train.make_schedule(config, 50_000, 10_000)
+  schedule = schedule_lib.make_plan(config, replicas=1, num_train=50_000, num_eval=10_000)
   assert schedule.steps_per_epoch == 50_000 // batch
   assert (schedule.total_steps, schedule.boundaries, schedule.warmup_steps) == (
       total, boundaries, warmup)
-  rate = train.make_learning_rate(config, schedule)
+  rate = schedule_lib.make_learning_rate(config, schedule)
   peak = 0.1 * batch / 128  # Linear scaling from a global batch of 128.
   # The schedule is called with the number of completed steps.
   expected = {0: peak, boundaries[0] - 1: peak, boundaries[0]: peak / 10,
@@ -84,16 +81,16 @@ def test_he2016_schedule_in_steps(batch, depth, total, boundaries, warmup):
 
 def test_he2016_validation_split_keeps_iterations():
   config = config_for("--recipe=he2016", "--depth=20", "--validation_split=5000")
-  schedule = train.make_schedule(config, 45_000, 5_000)
+  schedule = schedule_lib.make_plan(config, replicas=1, num_train=45_000, num_eval=5_000)
   assert schedule.steps_per_epoch == 351 and schedule.total_steps == 64_000
 
 
 def test_fast_schedule_warms_up_then_decays_to_zero():
   config = config_for()
-  schedule = train.make_schedule(config, 50_000, 10_000)
+  schedule = schedule_lib.make_plan(config, replicas=1, num_train=50_000, num_eval=10_000)
   assert (schedule.steps_per_epoch, schedule.total_steps, schedule.warmup_steps) == (
       390, 11_700, 780)
-  rate = train.make_learning_rate(config, schedule)
+  rate = schedule_lib.make_learning_rate(config, schedule)
   assert float(rate(390)) == pytest.approx(0.05, rel=1e-3)
   assert float(rate(780)) == pytest.approx(0.1, rel=1e-6)
   halfway = 780 + (11_700 - 780) // 2
@@ -103,14 +100,14 @@ def test_fast_schedule_warms_up_then_decays_to_zero():
 
 def test_blog_schedule_is_constant():
   config = config_for("--recipe=blog", "--depth=34")
-  schedule = train.make_schedule(config, 50_000, 10_000)
+  schedule = schedule_lib.make_plan(config, replicas=1, num_train=50_000, num_eval=10_000)
   assert schedule.total_steps == 20 * 390
-  assert train.make_learning_rate(config, schedule) == 0.01
+  assert schedule_lib.make_learning_rate(config, schedule) == 0.01
 
 
 def test_weight_decay_only_on_kernels():
   model = resnet.build_resnet(20, shortcut="B")
-  decayed = {v.path for v in train.decayed_variables(model)}
+  decayed = {v.path for v in state_lib.decayed_variables(model)}
   kernels = {v.path for v in model.trainable_variables if v.path.endswith("/kernel")}
   assert decayed == kernels and "head_dense/kernel" in decayed
   assert "stage2_block1_proj_conv/kernel" in decayed
@@ -118,41 +115,22 @@ def test_weight_decay_only_on_kernels():
   assert len(decayed) == sum(1 for layer in model.layers if hasattr(layer, "kernel"))
 
 
-def _logged(log_dir: pathlib.Path, tag: str) -> dict[int, float]:
-  values = {}
-  for path in sorted(log_dir.glob("events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(str(path)):
-      for value in event.summary.value:
-        if value.tag == tag:
-          values[event.step] = float(tf.make_ndarray(value.tensor))
-  return values
-
-
 def test_learning_rate_schedule_survives_resume(tmp_path):
-  args = [sys.executable, "-m", "trainer.main", "--depth=8", "--data_source=synthetic",
-          "--global_batch_size=16", "--steps_per_epoch=4", "--eval_steps=1", "--epochs=3",
-          "--warmup_epochs=1", "--log_every_steps=1", "--checkpoint_every_steps=1",
-          f"--model_dir={tmp_path}"]
-  process = subprocess.Popen(args, cwd=REPO, stderr=subprocess.PIPE,
-                             stdout=subprocess.DEVNULL, text=True)
-  try:
-    for line in process.stderr:
-      if "step 6/12" in line:
-        process.send_signal(signal.SIGKILL)
-        break
-  finally:
-    process.kill()
-    process.wait()
-  finished = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+  args = ["--depth=8", "--data_source=synthetic", "--global_batch_size=16",
+          "--steps_per_epoch=4", "--eval_steps=1", "--epochs=3", "--warmup_epochs=1",
+          "--log_every_steps=1", "--checkpoint_every_steps=1", f"--model_dir={tmp_path}"]
+  run_and_kill(args, "step 6/12")
+  finished = run_main(*args)
   assert finished.returncode == 0, finished.stderr[-3000:]
   assert "resumed from" in finished.stderr
-  logged = _logged(tmp_path / "train", "learning_rate")
+  rates = logged(tmp_path / "train", "learning_rate")
   config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=16,
                              steps_per_epoch=4, epochs=3, warmup_epochs=1)
-  rate = train.make_learning_rate(config, train.make_schedule(config, 50_000, 10_000))
+  rate = schedule_lib.make_learning_rate(config, schedule_lib.make_plan(
+      config, replicas=1, num_train=50_000, num_eval=10_000))
   # After step s the optimizer has completed s steps: the logged rate is rate(s).
-  assert sorted(logged) == list(range(1, 13))
-  for step, value in logged.items():
+  assert sorted(rates) == list(range(1, 13))
+  for step, value in rates.items():
     assert value == pytest.approx(float(rate(step)), rel=1e-5, abs=1e-9), step
 
 
@@ -167,7 +145,7 @@ def test_ema_and_flip_tta_evaluation_give_finite_metrics(tmp_path):
   for key in ("test_accuracy", "test_flip_accuracy", "test_ema_accuracy"):
     assert 0.0 <= metrics[key] <= 1.0
   # The EMA is checkpointed and evaluated again by --mode=eval.
-  evaluated = train.evaluate_checkpoint(
+  evaluated = evaluation.evaluate_checkpoint(
       config_lib.Config(**{**config.__dict__, "mode": "eval"}), tf.distribute.get_strategy())
   assert evaluated["test_ema_accuracy"] == pytest.approx(metrics["test_ema_accuracy"])
   assert evaluated["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
@@ -175,12 +153,12 @@ def test_ema_and_flip_tta_evaluation_give_finite_metrics(tmp_path):
 
 def test_validation_split_is_disjoint_and_seeded():
   from input_pipeline import sources
-  data = sources.load_synthetic(100, seed=0)
-  train_part, held = train.split_validation(data, 20, seed=3)
+  examples = sources.load_synthetic(100, seed=0)
+  train_part, held = data.split_validation(examples, 20, seed=3)
   assert (train_part.num_examples, held.num_examples) == (80, 20)
-  again, _ = train.split_validation(data, 20, seed=3)
+  again, _ = data.split_validation(examples, 20, seed=3)
   np.testing.assert_array_equal(train_part.images, again.images)
-  rows = {row.tobytes() for row in data.images}
+  rows = {row.tobytes() for row in examples.images}
   assert {r.tobytes() for r in train_part.images} | {r.tobytes() for r in held.images} == rows
   with pytest.raises(config_lib.ConfigError, match="validation_split"):
-    train.split_validation(data, 100, seed=0)
+    data.split_validation(examples, 100, seed=0)

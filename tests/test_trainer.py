@@ -1,9 +1,8 @@
 """End-to-end tests of the trainer: the entrypoint on tiny data, resume, MirroredStrategy,
-and flag validation."""
+the in-process seam (train.run_training), flag validation and stopping on signals."""
 
 import json
 import os
-import pathlib
 import re
 import signal
 import subprocess
@@ -14,40 +13,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import REPO, checkpoint_weights, event_tags, logged, mirrored_on_two_cpus, run_main
 from trainer import config as config_lib
+from trainer import schedule
+from trainer import state as state_lib
+from trainer import stop as stop_lib
 from trainer import train
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-CLASSES = [f"class{i}" for i in range(10)]
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> pathlib.Path:
-  """A CIFAR-shaped folder dataset: 4 train and 2 test PNGs per class."""
-  root = tmp_path_factory.mktemp("images")
-  rng = np.random.default_rng(0)
-  for split, count in (("train", 4), ("test", 2)):
-    for name in CLASSES:
-      folder = root / split / name
-      folder.mkdir(parents=True)
-      for i in range(count):
-        image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-        (folder / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
-  return root
-
-
-def event_tags(log_dir: pathlib.Path) -> set[str]:
-  """Every summary tag written under a TensorBoard log dir."""
-  tags = set()
-  for path in log_dir.glob("events.out.tfevents.*"):
-    for event in tf.compat.v1.train.summary_iterator(str(path)):
-      tags.update(value.tag for value in event.summary.value)
-  return tags
-
-
-def run_main(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "trainer.main", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
 
 
 def small_args(model_dir, data_dir, epochs=1) -> list[str]:
@@ -58,12 +29,12 @@ def small_args(model_dir, data_dir, epochs=1) -> list[str]:
 
 def test_entrypoint_trains_writes_outputs_and_resumes(tmp_path, image_folder):
   model_dir = tmp_path / "run"
-  first = run_main(*small_args(model_dir, image_folder, epochs=1), "--profile_steps=1,2")
+  first = run_main(*small_args(model_dir, image_folder(), epochs=1), "--profile_steps=1,2")
   assert first.returncode == 0, first.stderr[-3000:]
   assert "test accuracy" in first.stdout
   assert list((model_dir / "checkpoints").glob("ckpt-2.index"))
   assert list((model_dir / "train").glob("events.out.tfevents.*"))
-  assert list((model_dir / "validation").glob("events.out.tfevents.*"))
+  assert list((model_dir / "test").glob("events.out.tfevents.*"))
   metrics = json.loads((model_dir / "metrics.json").read_text())
   assert 0.0 <= metrics["test_accuracy"] <= 1.0
   assert metrics["steps"] == 2 and metrics["epochs"] == 1
@@ -71,14 +42,15 @@ def test_entrypoint_trains_writes_outputs_and_resumes(tmp_path, image_folder):
     assert key in metrics
   train_tags = event_tags(model_dir / "train")
   for tag in ("loss", "accuracy", "learning_rate", "images_per_second", "step_time_ms",
-              "epoch_loss", "epoch_accuracy", "config", "_hparams_/session_start_info",
+              "epoch_loss", "epoch_accuracy", "config",
               "gradient_norm/stem", "gradient_norm/stage1", "gradient_norm/stage3",
               "gradient_norm/head"):
     assert tag in train_tags, tag
-  assert {"loss", "accuracy"} <= event_tags(model_dir / "validation")
+  assert {"epoch_loss", "epoch_accuracy"} <= event_tags(model_dir / "test")
+  assert "_hparams_/session_start_info" in event_tags(model_dir)
   assert list((model_dir / "train" / "plugins" / "profile").rglob("*.xplane.pb"))
 
-  second = run_main(*small_args(model_dir, image_folder, epochs=2))
+  second = run_main(*small_args(model_dir, image_folder(), epochs=2))
   assert second.returncode == 0, second.stderr[-3000:]
   metrics = json.loads((model_dir / "metrics.json").read_text())
   assert metrics["resumed_from_step"] == 2
@@ -88,11 +60,8 @@ def test_entrypoint_trains_writes_outputs_and_resumes(tmp_path, image_folder):
 
 
 def test_mirrored_strategy_on_two_cpus_trains_and_resumes(tmp_path, image_folder):
-  devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
-  assert len(devices) == 2, "tests/conftest.py should have made two logical CPUs"
-  strategy = tf.distribute.MirroredStrategy(
-      devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
-  config = config_lib.Config(depth=8, data_source="folder", data_dir=str(image_folder),
+  strategy = mirrored_on_two_cpus()
+  config = config_lib.Config(depth=8, data_source="folder", data_dir=str(image_folder()),
                              model_dir=str(tmp_path / "run"), epochs=1, steps_per_epoch=2,
                              global_batch_size=8, log_every_steps=1)
   metrics = train.train_and_evaluate(config, strategy)
@@ -104,6 +73,38 @@ def test_mirrored_strategy_on_two_cpus_trains_and_resumes(tmp_path, image_folder
   assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
 
 
+def test_run_training_returns_the_trained_model_its_last_checkpoint_holds(tmp_path):
+  config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=16,
+                             steps_per_epoch=3, eval_steps=2, epochs=1,
+                             checkpoint_every_steps=1, model_dir=str(tmp_path / "run"))
+  strategy = tf.distribute.get_strategy()
+  outcome = train.run_training(config, strategy)
+  assert outcome.out_dir == config.model_dir
+  assert int(outcome.state.step.numpy()) == outcome.metrics["steps"] == 3
+  assert outcome.metrics["steps"] == json.loads(
+      (tmp_path / "run" / "metrics.json").read_text())["steps"]
+  trained = {v.path: v.numpy() for v in outcome.state.model.variables}
+
+  # Training moved every weight away from where a state built with the run's seed starts
+  # (and that start is reproducible: built twice, the same).
+  plan = schedule.make_plan(config, replicas=1, num_train=50_000, num_eval=10_000)
+  fresh = [{v.path: v.numpy() for v in state_lib.build_state(
+      config, strategy, 10, plan, "float32").model.variables} for _ in range(2)]
+  assert fresh[0].keys() == fresh[1].keys() == trained.keys()
+  for name in fresh[0]:
+    np.testing.assert_array_equal(fresh[0][name], fresh[1][name], err_msg=name)
+  for variable in outcome.state.model.trainable_variables:
+    assert not np.array_equal(trained[variable.path], fresh[0][variable.path]), variable.path
+
+  # The returned model is the one the run's last checkpoint holds, bit for bit.
+  latest = tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints"))
+  assert latest.endswith("ckpt-3")
+  saved = checkpoint_weights(latest)
+  assert saved.keys() == trained.keys()
+  for name, value in trained.items():
+    np.testing.assert_array_equal(saved[name], value, err_msg=name)
+
+
 @pytest.mark.parametrize("flag, message", [
     ("--data_source=imagenet", "data_source"),
     ("--depth=37", "supported depths"),
@@ -113,7 +114,7 @@ def test_mirrored_strategy_on_two_cpus_trains_and_resumes(tmp_path, image_folder
 def test_bad_flags_fail_clearly_and_write_nothing(tmp_path, flag, message):
   model_dir = tmp_path / "run"
   result = run_main("--data_source=synthetic", f"--model_dir={model_dir}", flag)
-  assert result.returncode != 0
+  assert result.returncode == 2
   assert message in result.stderr
   assert "Traceback" not in result.stderr
   assert not model_dir.exists()
@@ -129,9 +130,7 @@ def test_config_rejects_invalid_values():
 
 
 def test_global_batch_not_divisible_by_replicas_fails_before_writing(tmp_path):
-  devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
-  strategy = tf.distribute.MirroredStrategy(
-      devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
+  strategy = mirrored_on_two_cpus()
   config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=7,
                              model_dir=str(tmp_path / "run"), steps_per_epoch=1)
   with pytest.raises(config_lib.ConfigError, match="replicas"):
@@ -146,13 +145,8 @@ def test_several_steps_per_execution_stop_at_log_and_epoch_boundaries(tmp_path):
   metrics = train.train_and_evaluate(config, tf.distribute.get_strategy())
   assert metrics["steps"] == 14
   assert [h["step"] for h in metrics["history"]] == [7, 14]
-  logged = set()
-  for path in (tmp_path / "run" / "train").glob("events.out.tfevents.*"):
-    for event in tf.compat.v1.train.summary_iterator(str(path)):
-      if any(value.tag == "loss" for value in event.summary.value):
-        logged.add(event.step)
   # Calls of at most 3 steps, cut at every log (5, 10) and epoch (7, 14) boundary.
-  assert logged == {5, 7, 10, 14}
+  assert set(logged(tmp_path / "run" / "train", "loss")) == {5, 7, 10, 14}
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   assert saved["steps_per_execution_resolved"] == 3
 
@@ -165,16 +159,17 @@ def test_a_signal_while_importing_tensorflow_exits_with_a_message(
     monkeypatch, capsys, stop, code, error):
   from absl import flags
   from trainer import main as main_lib
-  stop = main_lib._Terminated if stop == "sigterm" else stop
+  raised = stop_lib.Terminated if stop == "sigterm" else stop
 
   def importing(show_logs: bool) -> None:
-    raise stop()  # What the signal handler raises, as it would mid-import.
+    raise raised()  # What the signal handler raises, as it would mid-import.
+
+  class QuietHandler(stop_lib.SignalHandler):
+    def install(self) -> None:
+      self.announced.set()  # No notice thread here to wait for.
 
   monkeypatch.setattr(main_lib, "_import_tensorflow", importing)
-  monkeypatch.setattr(main_lib, "_announce_interrupts", lambda: None)
-  announced = main_lib.threading.Event()
-  announced.set()  # No notice thread here to wait for.
-  monkeypatch.setattr(main_lib, "_announced", announced)
+  monkeypatch.setattr(main_lib.stop, "SignalHandler", QuietHandler)
   handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["trainer.main", "--data_source=synthetic"])
@@ -233,7 +228,7 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_stops_and_the_run_resumes_there(
 
 
 def test_a_stop_request_is_taken_only_while_the_loop_listens_and_keeps_the_first_signal():
-  request = train.StopRequest()
+  request = stop_lib.StopRequest()
   # Before the loop starts (and after it ends) the handler must raise instead.
   assert not request.request(signal.SIGINT)
   assert request.signum is None

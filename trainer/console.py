@@ -58,11 +58,23 @@ class RunLogFile(std_logging.Handler):
       pass  # A read-only or full run dir: the console still has every line.
 
 
-def configure(model_dir: str | None) -> None:
-  """Plain lines on the console; the full format in model_dir/train.log when given."""
+def configure(model_dir: str | None) -> RunLogFile | None:
+  """Plain lines on the console; the full format in model_dir/train.log when given.
+
+  Returns:
+    the train.log handler (detach it with `detach`, e.g. on a worker that is not the
+    chief: only the chief writes into --model_dir).
+  """
   logging.get_absl_handler().setFormatter(_PlainFormatter())
-  if model_dir:
-    std_logging.getLogger().addHandler(RunLogFile(model_dir))
+  if not model_dir:
+    return None
+  handler = RunLogFile(model_dir)
+  std_logging.getLogger().addHandler(handler)
+  return handler
+
+
+def detach(handler: RunLogFile) -> None:
+  std_logging.getLogger().removeHandler(handler)
 
 
 def settings_block(config: Config) -> str:

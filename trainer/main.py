@@ -266,7 +266,7 @@ def _train(config: config_lib.Config, strategy, handler: stop.SignalHandler) -> 
 def _run(config: config_lib.Config, handler: stop.SignalHandler) -> str:
   """Runs the mode; returns the line that reports its result."""
   from trainer import console, distribute
-  console.configure(config.model_dir if config.mode == "train" else None)
+  log_file = console.configure(config.model_dir if config.mode == "train" else None)
   logging.info("%s", console.settings_block(config))
   if config.mode != "train" and not FLAGS.tf_logs:
     import tensorflow as tf
@@ -281,6 +281,8 @@ def _run(config: config_lib.Config, handler: stop.SignalHandler) -> str:
   # handler (a preemption notifier this trainer does not use), which swallows the signal
   # and lets training run on until the scheduler's SIGKILL; take it back.
   handler.take_sigterm()
+  if log_file is not None and not distribute.is_chief(strategy):
+    console.detach(log_file)  # Only the chief writes into --model_dir.
   if config.mode == "eval":
     return _evaluate(config, strategy)
   return _train(config, strategy, handler)
