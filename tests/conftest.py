@@ -51,9 +51,11 @@ def mirrored_on_two_cpus() -> tf.distribute.MirroredStrategy:
 
 # The entrypoint, as a real process.
 
-def run_main(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-  """Runs `python -m trainer.main ARGS` from the repo root to the end; output captured."""
-  return subprocess.run([sys.executable, "-m", "trainer.main", *args], cwd=REPO,
+def run_main(*args: str, timeout: float = 300,
+             cwd: pathlib.Path = REPO) -> subprocess.CompletedProcess:
+  """Runs `python -m trainer.main ARGS` (from the repo root unless `cwd`) to the end;
+  output captured."""
+  return subprocess.run([sys.executable, "-m", "trainer.main", *args], cwd=cwd,
                         capture_output=True, text=True, timeout=timeout)
 
 

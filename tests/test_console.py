@@ -5,17 +5,12 @@ import json
 import pathlib
 import re
 import subprocess
-import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import run_main as trainer
+
 ABSL_PREFIX = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+\.py:\d+\]")
-
-
-def trainer(*args: str, cwd: pathlib.Path = REPO) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "trainer.main", *args], cwd=cwd,
-                        capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import subprocess
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 TIMEOUT = 240
 
 

@@ -2,7 +2,6 @@
 one trainer per run dir, and every failure a one-line error with the documented exit code."""
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -16,13 +15,10 @@ import tensorflow as tf
 from trainer import config as config_lib
 from trainer import errors, run_dir, steps, train
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import REPO
+from conftest import run_main as trainer
+
 TINY = ["--depth=8", "--data_source=synthetic", "--global_batch_size=16", "--eval_steps=2"]
-
-
-def trainer(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "trainer.main", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout)
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
