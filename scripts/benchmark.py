@@ -2,16 +2,23 @@
 
   python scripts/benchmark.py --depth=20 [--plain] [--global_batch_size=128]
       [--precision=...] [--jit_compile=...] [--strategy=...] [--data_source=synthetic]
+  python scripts/benchmark.py --compare --depth=20 --threads=2 \
+      [--torch_python=/tmp/torch-venv/bin/python]
 
 Runs trainer.train.train_and_evaluate for warm-up plus timed windows (reading images/s
 per window from its TensorBoard events), measures a matrix-multiplication peak on the
 same device and precision, and a minimal hand-written Keras `fit` of the same model as a
-baseline. The last line printed is a JSON object.
+baseline. With --compare it instead interleaves, window by window, the trainer's step,
+our model with fused and with Keras batch norm, the minimal Keras model and (with
+--torch_python) an independent PyTorch ResNet in a subprocess
+(results/checks/torch_resnet_benchmark.py). The last line printed is a JSON object.
 """
 
 import json
+import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +50,20 @@ flags.DEFINE_boolean("baseline", True, "Also time Keras model.fit of our model a
                      "minimal hand-written Keras ResNet of the same architecture.")
 flags.DEFINE_boolean("overhead", True, "Also time the compute floor (training steps alone) "
                      "and report the trainer's per-step overhead.")
+flags.DEFINE_integer("threads", None, "TensorFlow's intra- and inter-op threads, and "
+                     "PyTorch's threads with --torch_python (default: each library's own).")
+flags.DEFINE_boolean("compare", False, "Instead of the trainer report: interleaved windows "
+                     "of the trainer's step, our model with fused and with Keras batch norm, "
+                     "the minimal Keras model and, with --torch_python, PyTorch; on one "
+                     "in-memory batch each.")
+flags.DEFINE_string("torch_python", None, "With --compare: the python of a venv with torch "
+                    "(see results/checks/torch_resnet_benchmark.py), which runs the PyTorch "
+                    "ResNet in a subprocess.")
+flags.DEFINE_boolean("bn_twin", True, "With --compare: also time our model's bare training "
+                     "step with fused and with Keras batch norm.")
 FLAGS = flags.FLAGS
+TORCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "results", "checks", "torch_resnet_benchmark.py")
 
 
 def measure_matmul_tflops(dtype: str, size: int, repeats: int = 10) -> float:
@@ -164,24 +184,14 @@ def minimal_keras_resnet(depth: int, plain: bool, stem: str):
   return keras.Model(inputs, layers.Dense(10, dtype="float32")(x))
 
 
-def time_keras_fit(model, float_inputs: bool) -> float:
-  """images/s of a plain Keras 3 `fit` of `model` on one in-memory batch (median window)."""
-  import keras
-  import numpy as np
-  import tensorflow as tf
-  model.compile(keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True),
-                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                jit_compile=FLAGS.jit_compile == "true")
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (FLAGS.global_batch_size, 32, 32, 3), dtype=np.uint8)
-  if float_inputs:
-    images = (images / 255.0).astype(np.float32)
-  labels = rng.integers(0, 10, (FLAGS.global_batch_size,), dtype=np.int32)
-  dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
+def _batch_clock():
+  """A Keras callback recording when each training batch ends (perf_counter) in `ends`.
 
-  class Clock(keras.callbacks.Callback):
-    # One fit call for every window: each fit call has a fixed set-up cost that a long
-    # training run pays once.
+  Defined here, not at module level: Keras loads only after the flags are parsed.
+  """
+  import keras
+
+  class BatchClock(keras.callbacks.Callback):
     def __init__(self):
       super().__init__()
       self.ends = []
@@ -189,10 +199,37 @@ def time_keras_fit(model, float_inputs: bool) -> float:
     def on_train_batch_end(self, batch, logs=None):
       self.ends.append(time.perf_counter())
 
-  clock = Clock()
+  return BatchClock()
+
+
+def _fit_data(float_inputs: bool):
+  """One random in-memory batch, repeated: uint8 images (or floats in [0, 1]), labels."""
+  import numpy as np
+  import tensorflow as tf
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (FLAGS.global_batch_size, 32, 32, 3), dtype=np.uint8)
+  if float_inputs:
+    images = (images / 255.0).astype(np.float32)
+  labels = rng.integers(0, 10, (FLAGS.global_batch_size,), dtype=np.int32)
+  return tf.data.Dataset.from_tensors((images, labels)).repeat()
+
+
+def _compile_for_fit(model) -> None:
+  import keras
+  model.compile(keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                jit_compile=FLAGS.jit_compile == "true")
+
+
+def time_keras_fit(model, float_inputs: bool) -> float:
+  """images/s of a plain Keras 3 `fit` of `model` on one in-memory batch (median window)."""
+  _compile_for_fit(model)
+  # One fit call for every window: each fit call has a fixed set-up cost that a long
+  # training run pays once.
+  clock = _batch_clock()
   windows = FLAGS.warmup_windows + FLAGS.windows
-  model.fit(dataset, steps_per_epoch=FLAGS.window_steps * windows, callbacks=[clock],
-            verbose=0)
+  model.fit(_fit_data(float_inputs), steps_per_epoch=FLAGS.window_steps * windows,
+            callbacks=[clock], verbose=0)
   rates = []
   for window in range(FLAGS.warmup_windows, windows):
     first, last = window * FLAGS.window_steps - 1, (window + 1) * FLAGS.window_steps - 1
@@ -201,16 +238,20 @@ def time_keras_fit(model, float_inputs: bool) -> float:
   return statistics.median(rates)
 
 
-def _our_model():
+def _policy() -> str:
+  return "float32" if FLAGS.precision == "auto" else FLAGS.precision
+
+
+def _our_model(fused_batch_norm: bool = True):
   """Our ResNet as the trainer builds it, under the benchmark's dtype policy (set here)."""
   import keras
   from input_pipeline import pipeline
   from trainer import resnet
-  keras.mixed_precision.set_global_policy(
-      "float32" if FLAGS.precision == "auto" else FLAGS.precision)
+  keras.mixed_precision.set_global_policy(_policy())
   return resnet.build_model(resnet.architecture(FLAGS.depth, plain=FLAGS.plain,
                                                 stem=FLAGS.stem),
-                            input_mean=pipeline.CIFAR10_MEAN, input_std=pipeline.CIFAR10_STD)
+                            input_mean=pipeline.CIFAR10_MEAN, input_std=pipeline.CIFAR10_STD,
+                            fused_batch_norm=fused_batch_norm)
 
 
 def run_keras_baselines() -> dict:
@@ -226,24 +267,36 @@ def run_keras_baselines() -> dict:
   return result
 
 
-def measure_compute_step_ms() -> float:
-  """The compute floor: ms per training step of our model with nothing else around it.
+def trainable_parameters(model) -> int:
+  """What PyTorch's parameters() counts: trainable weights (no batch-norm statistics)."""
+  return sum(math.prod(w.shape) for w in model.trainable_weights)
 
-  One tf.function runs window_steps steps (forward, backward, SGD update) on one
-  in-memory batch: no input pipeline, no metrics, no Python between steps.
-  """
-  import keras
-  import numpy as np
-  import tensorflow as tf
-  model = _our_model()
-  optimizer = keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True)
-  optimizer.build(model.trainable_variables)
-  rng = np.random.default_rng(0)
-  images = tf.constant(rng.integers(0, 256, (FLAGS.global_batch_size, 32, 32, 3),
-                                    dtype=np.uint8))
-  labels = tf.constant(rng.integers(0, 10, (FLAGS.global_batch_size,), dtype=np.int32))
 
-  def step(images, labels):
+class BareSteps:
+  """A model's training step with nothing else around it: forward, backward, SGD update
+  on one in-memory uint8 batch; `window(steps)` runs them in one tf.function call (no
+  input pipeline, no metrics, no Python between steps) and returns the seconds."""
+
+  def __init__(self, model):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    self.model, self.parameters = model, trainable_parameters(model)
+    self.optimizer = keras.optimizers.SGD(0.01, momentum=0.9, nesterov=True)
+    self.optimizer.build(model.trainable_variables)
+    rng = np.random.default_rng(0)
+    self.images = tf.constant(rng.integers(0, 256, (FLAGS.global_batch_size, 32, 32, 3),
+                                           dtype=np.uint8))
+    self.labels = tf.constant(rng.integers(0, 10, (FLAGS.global_batch_size,),
+                                           dtype=np.int32))
+    self._step = (tf.function(self._train_step, jit_compile=True)
+                  if FLAGS.jit_compile == "true" else self._train_step)
+    self._loop = tf.function(self._train_loop)
+
+  def _train_step(self, images, labels):
+    import keras
+    import tensorflow as tf
+    model, optimizer = self.model, self.optimizer
     with tf.GradientTape() as tape:
       logits = model(images, training=True)
       loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
@@ -252,32 +305,248 @@ def measure_compute_step_ms() -> float:
     optimizer.apply_gradients(zip(tape.gradient(scaled, model.trainable_variables),
                                   model.trainable_variables))
 
-  if FLAGS.jit_compile == "true":
-    step = tf.function(step, jit_compile=True)
-
-  @tf.function
-  def loop(num_steps, images, labels):
+  def _train_loop(self, num_steps, images, labels):
+    import tensorflow as tf
     for _ in tf.range(num_steps):
-      step(images, labels)
+      self._step(images, labels)
 
-  loop(tf.constant(FLAGS.window_steps * FLAGS.warmup_windows), images, labels)
-  times = []
-  for _ in range(FLAGS.windows):
+  def window(self, steps: int) -> float:
+    import tensorflow as tf
     start = time.perf_counter()
-    loop(tf.constant(FLAGS.window_steps), images, labels)
-    _ = optimizer.iterations.numpy()  # Waits for the last step.
-    times.append((time.perf_counter() - start) / FLAGS.window_steps * 1000)
+    self._loop(tf.constant(steps), self.images, self.labels)
+    _ = self.optimizer.iterations.numpy()  # Waits for the last step.
+    return time.perf_counter() - start
+
+
+def measure_compute_step_ms() -> float:
+  """The compute floor: ms per training step of our model with nothing else around it."""
+  import keras
+  bare = BareSteps(_our_model())
+  bare.window(FLAGS.window_steps * FLAGS.warmup_windows)
+  times = [bare.window(FLAGS.window_steps) / FLAGS.window_steps * 1000
+           for _ in range(FLAGS.windows)]
   keras.mixed_precision.set_global_policy("float32")
   return statistics.median(times)
 
 
+# --- Interleaved comparison (--compare) --------------------------------------------------
+
+class TrainerSteps:
+  """The trainer's own step (trainer.steps.TrainSteps: loss with L2 and label smoothing,
+  gradient norms, NaN guard, metric sums, SGD) on the state trainer.state builds, fed one
+  in-memory uint8 batch; calls of the trainer's steps per execution (1 on CPU)."""
+
+  def __init__(self):
+    import numpy as np
+    import tensorflow as tf
+    from trainer import config as config_lib, distribute, schedule, state, steps, train
+    config = config_lib.Config(
+        depth=FLAGS.depth, plain=FLAGS.plain, stem=FLAGS.stem, data_source="synthetic",
+        epochs=1, steps_per_epoch=10**6, global_batch_size=FLAGS.global_batch_size,
+        precision=FLAGS.precision, jit_compile=FLAGS.jit_compile, strategy=FLAGS.strategy,
+        cpu_devices=FLAGS.cpu_devices, steps_per_execution=FLAGS.steps_per_execution)
+    strategy = distribute.make_strategy(config.strategy)
+    hardware = train.resolve_hardware(config, strategy)
+    plan = schedule.make_plan(config, replicas=strategy.num_replicas_in_sync,
+                              num_train=FLAGS.global_batch_size * 10**6,
+                              num_eval=FLAGS.global_batch_size)
+    self.state = state.build_state(config, strategy, 10, plan, hardware.precision)
+    self.steps = steps.TrainSteps(config, strategy, self.state, 10, hardware.jit_compile)
+    self.per_call = hardware.steps_per_execution
+    self.parameters = trainable_parameters(self.state.model)
+    self.precision, self.jit_compile = hardware.precision, hardware.jit_compile
+    rng = np.random.default_rng(0)
+    per_replica = plan.per_replica_batch_size
+    batch = (rng.integers(0, 256, (per_replica, 32, 32, 3), dtype=np.uint8),
+             rng.integers(0, 10, (per_replica,), dtype=np.int32))
+    self.iterator = iter(strategy.distribute_datasets_from_function(
+        lambda context: tf.data.Dataset.from_tensors(batch).repeat()))
+    self.step = 0
+
+  def window(self, steps: int) -> float:
+    import tensorflow as tf
+    start = time.perf_counter()
+    end = self.step + steps
+    while self.step < end:
+      calls = min(self.per_call, end - self.step)
+      self.steps.run(self.iterator, tf.constant(self.step, tf.int64),
+                     tf.constant(calls, tf.int64))
+      self.step += calls
+    _ = self.state.optimizer.iterations.numpy()  # Waits for the last step.
+    return time.perf_counter() - start
+
+
+class KerasFitWindows:
+  """Keras `fit` of the minimal hand-written model: one fit call per window, timed from
+  the end of its first batch to the end of its last (the call's set-up left out)."""
+
+  def __init__(self, model):
+    _compile_for_fit(model)
+    self.model, self.parameters = model, trainable_parameters(model)
+    self.data = _fit_data(float_inputs=True)
+
+  def window(self, steps: int) -> float:
+    clock = _batch_clock()
+    self.model.fit(self.data, steps_per_epoch=steps + 1, callbacks=[clock], shuffle=False,
+                   verbose=0)
+    return clock.ends[-1] - clock.ends[0]
+
+
+class TorchProcess:
+  """The PyTorch ResNet in a subprocess of --torch_python, trained window by window on
+  request (results/checks/torch_resnet_benchmark.py --serve): idle while TensorFlow runs."""
+
+  def __init__(self, python: str):
+    command = [python, TORCH_SCRIPT, "--serve", f"--depth={FLAGS.depth}",
+               f"--batch_size={FLAGS.global_batch_size}"]
+    if FLAGS.threads:
+      command.append(f"--threads={FLAGS.threads}")
+    self.stderr = tempfile.TemporaryFile(mode="w+")
+    self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=self.stderr, text=True)
+    hello = self._answer()
+    self.parameters, self.version = hello["parameters"], hello["torch"]
+    self.threads = hello["threads"]
+
+  def _answer(self) -> dict:
+    line = self.process.stdout.readline()
+    if not line:
+      self.stderr.seek(0)
+      raise RuntimeError(f"the PyTorch benchmark process exited "
+                         f"({self.process.wait()}): {self.stderr.read()[-2000:]}")
+    return json.loads(line)
+
+  def window(self, steps: int) -> float:
+    self.process.stdin.write(f"{steps}\n")
+    self.process.stdin.flush()
+    return self._answer()["seconds"]
+
+  def close(self) -> None:
+    self.process.stdin.close()
+    self.process.wait(timeout=60)
+    self.stderr.close()
+
+
+# Contender names, in table order, with what each measures.
+CONTENDERS = {
+    "trainer": "trainer step (fused batch norm)",
+    "ours_fused_bn": "our model, bare step, fused batch norm",
+    "ours_keras_bn": "our model, bare step, Keras batch norm",
+    "minimal_keras": "minimal hand-written Keras, fit",
+    "pytorch": "PyTorch (eager, channels_last)",
+}
+
+
+def _build_contenders() -> dict:
+  """Every contender the flags ask for, built (and its dtype policy set) in turn."""
+  import keras
+  contenders = {"trainer": TrainerSteps()}  # Sets the global policy (build_state).
+  if FLAGS.bn_twin:
+    contenders["ours_fused_bn"] = BareSteps(_our_model(fused_batch_norm=True))
+    contenders["ours_keras_bn"] = BareSteps(_our_model(fused_batch_norm=False))
+  keras.mixed_precision.set_global_policy(_policy())
+  contenders["minimal_keras"] = KerasFitWindows(
+      minimal_keras_resnet(FLAGS.depth, FLAGS.plain, FLAGS.stem))
+  if FLAGS.torch_python:
+    contenders["pytorch"] = TorchProcess(FLAGS.torch_python)
+  return contenders
+
+
+def _interleaved_seconds(contenders: dict) -> dict[str, list[float]]:
+  """Seconds of every timed window of each contender; windows run in rounds of one window
+  each, the order rotating every round, so drift of the machine hits all alike."""
+  for contender in contenders.values():
+    contender.window(2)  # Traces and compiles; never timed.
+  names = list(contenders)
+  seconds = {name: [] for name in names}
+  for round_ in range(FLAGS.warmup_windows + FLAGS.windows):
+    shift = round_ % len(names)
+    for name in names[shift:] + names[:shift]:
+      elapsed = contenders[name].window(FLAGS.window_steps)
+      if round_ >= FLAGS.warmup_windows:
+        seconds[name].append(elapsed)
+    logging.info("round %d/%d done", round_ + 1, FLAGS.warmup_windows + FLAGS.windows)
+  return seconds
+
+
+def run_comparison() -> dict:
+  """The --compare report: images/s of each contender, and paired ratios."""
+  import keras
+  contenders = _build_contenders()
+  try:
+    seconds = _interleaved_seconds(contenders)
+  finally:
+    if "pytorch" in contenders:
+      contenders["pytorch"].close()
+    keras.mixed_precision.set_global_policy("float32")
+  images = FLAGS.window_steps * FLAGS.global_batch_size
+  rates = {name: [images / s for s in times] for name, times in seconds.items()}
+  trainer = contenders["trainer"]
+  report = {
+      "model": trainer.state.model.name, "global_batch_size": FLAGS.global_batch_size,
+      "precision": trainer.precision, "jit_compile": trainer.jit_compile,
+      "threads": FLAGS.threads, "window_steps": FLAGS.window_steps,
+      "windows": FLAGS.windows, "contenders": {
+          name: {"images_per_second": statistics.median(rates[name]),
+                 "window_images_per_second": rates[name],
+                 "parameters": contenders[name].parameters}
+          for name in contenders}}
+  if "pytorch" in contenders:
+    report["torch"] = contenders["pytorch"].version
+    report["torch_threads"] = contenders["pytorch"].threads
+  pairs = [("trainer", "pytorch"), ("minimal_keras", "pytorch"),
+           ("trainer", "minimal_keras"), ("ours_fused_bn", "ours_keras_bn")]
+  for a, b in pairs:
+    if a in rates and b in rates:
+      # Median of the ratios within each round: robust to the machine's drift.
+      report[f"{a}_vs_{b}"] = statistics.median(x / y for x, y in zip(rates[a], rates[b]))
+  return report
+
+
+def print_comparison(report: dict) -> None:
+  print(f"\n{report['model']}, global batch {report['global_batch_size']}, "
+        f"{report['precision']}, XLA {'on' if report['jit_compile'] else 'off'}, threads "
+        f"{report['threads'] or 'default'}; {report['windows']} interleaved windows of "
+        f"{report['window_steps']} steps each")
+  print(f"{'contender':<42}{'parameters':>12}{'img/s':>9}  windows (img/s)")
+  for name, figures in report["contenders"].items():
+    windows = ", ".join(f"{r:.1f}" for r in figures["window_images_per_second"])
+    print(f"{CONTENDERS[name]:<42}{figures['parameters']:>12,}"
+          f"{figures['images_per_second']:>9.1f}  {windows}")
+  for key, value in report.items():
+    if "_vs_" in key:
+      print(f"{key}: {value:.3f} (median of per-round ratios)")
+  print(json.dumps(report))
+
+
+def _check_comparison_flags() -> None:
+  if not FLAGS.torch_python:
+    return
+  if not FLAGS.compare:
+    raise app.UsageError("--torch_python needs --compare")
+  if _policy() != "float32" or FLAGS.plain or FLAGS.stem != "cifar":
+    raise app.UsageError("the PyTorch model is the float32 residual network with the CIFAR "
+                         "stem: drop --precision, --plain and --stem")
+  if FLAGS.depth not in (18, 50) and (FLAGS.depth in (34, 101, 152) or FLAGS.depth < 8
+                                      or (FLAGS.depth - 2) % 6):
+    raise app.UsageError("the PyTorch model has depths 18, 50 and 6n+2")
+
+
 def main(argv):
   del argv
+  _check_comparison_flags()
   import tensorflow as tf
   from scripts import flops
   from trainer import distribute, resnet
+  if FLAGS.threads:
+    # Before TensorFlow starts its runtime; PyTorch gets the same count (TorchProcess).
+    tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
   distribute.configure_cpu_devices(FLAGS.cpu_devices)
   tf.get_logger().setLevel("WARNING")
+  if FLAGS.compare:
+    print_comparison(run_comparison())
+    return
   model = resnet.build_resnet(FLAGS.depth, plain=FLAGS.plain, stem=FLAGS.stem)
   forward = flops.forward_flops(model)
   # Backward costs about twice the forward pass (gradients w.r.t. inputs and weights).

@@ -117,8 +117,10 @@ def test_portable_build_gives_the_training_builds_logits(kwargs):
     twin.assign(value)
   images = random_images(8, seed=1)
   expected = training(images, training=False).numpy()
+  # The stock layer rounds unlike the fused one the training build uses: ~1e-6 of the
+  # largest logit (these random weights make logits up to ~1e16).
   np.testing.assert_allclose(portable(images, training=False).numpy(), expected, rtol=0,
-                             atol=1e-6)
+                             atol=1e-5 * np.abs(expected).max())
 
 
 def test_export_serves_in_a_fresh_process_without_the_project(exported, trained_run,

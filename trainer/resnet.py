@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import keras
 from keras import layers, ops
 
+from trainer import batch_norm
+
 # Re-exported: callers (scripts/, tests) resolve architectures through this module too.
 from trainer.architecture import (  # noqa: F401
     BASIC, BOTTLENECK, BOTTLENECK_EXPANSION, CIFAR_EXAMPLE_DEPTHS, CIFAR_WIDTHS,
@@ -54,6 +56,7 @@ class _LayerOptions:
   sync_batch_norm: bool
   zero_init_residual: bool
   portable: bool = False
+  fused_batch_norm: bool = True
 
 
 def _conv(x, filters: int, kernel: int, strides: int, name: str):
@@ -70,9 +73,14 @@ def _conv(x, filters: int, kernel: int, strides: int, name: str):
 
 
 def _bn(x, opts: _LayerOptions, name: str, zero_gamma: bool = False):
-  return layers.BatchNormalization(
-      momentum=opts.bn_momentum, epsilon=1e-5, synchronized=opts.sync_batch_norm,
-      gamma_initializer="zeros" if zero_gamma else "ones", name=name)(x)
+  # The fused kernel where it can run: Keras's own layer computes moments and
+  # normalisation as separate ops, about a quarter of a narrow CIFAR ResNet's step on
+  # CPU. Same variables either way. Synchronized statistics need Keras's layer, and
+  # exports stock layers only (the same inference maths).
+  stock = opts.sync_batch_norm or opts.portable or not opts.fused_batch_norm
+  layer = layers.BatchNormalization if stock else batch_norm.FusedBatchNormalization
+  return layer(momentum=opts.bn_momentum, epsilon=1e-5, synchronized=opts.sync_batch_norm,
+               gamma_initializer="zeros" if zero_gamma else "ones", name=name)(x)
 
 
 def _zero_gamma(arch: Architecture, opts: _LayerOptions) -> bool:
@@ -148,7 +156,8 @@ def build_model(arch: Architecture, *, num_classes: int = 10,
                 input_mean: Sequence[float] | None = None,
                 input_std: Sequence[float] | None = None,
                 bn_momentum: float = 0.9, sync_batch_norm: bool = False,
-                zero_init_residual: bool = False, portable: bool = False) -> keras.Model:
+                zero_init_residual: bool = False, portable: bool = False,
+                fused_batch_norm: bool = True) -> keras.Model:
   """Builds the network an Architecture describes.
 
   The model takes uint8 images; its first layer, `normalize`, computes
@@ -165,10 +174,16 @@ def build_model(arch: Architecture, *, num_classes: int = 10,
     sync_batch_norm: batch statistics over all replicas.
     zero_init_residual: start the last batch-norm gamma of each residual branch at 0
       (residual nets only: plain nets have no residual branch).
-    portable: build option A's channel padding from stock Keras layers instead of
-      ChannelZeroPad, so a saved .keras file loads where this module cannot be imported
-      (exports). Same outputs and the same variable paths, so checkpoints restore into
-      either build; training uses the default build.
+    portable: stock Keras layers only (option A's channel padding from stock layers
+      instead of ChannelZeroPad, keras.layers.BatchNormalization instead of
+      FusedBatchNormalization), so a saved .keras file loads where this project cannot
+      be imported (exports). The same variable paths, so checkpoints restore into
+      either build, and the same outputs (within float rounding: the two batch norms
+      round differently); training uses the default build.
+    fused_batch_norm: batch norm through TensorFlow's fused kernel
+      (batch_norm.FusedBatchNormalization); False: keras.layers.BatchNormalization
+      everywhere, the layer of earlier versions (for benchmarks; same variables and
+      results within float rounding).
   Returns:
     a functional Keras model from uint8 images [B, 32, 32, 3] to float32 logits
     [B, num_classes].
@@ -182,7 +197,8 @@ def build_model(arch: Architecture, *, num_classes: int = 10,
   if sys.getrecursionlimit() < needed:
     sys.setrecursionlimit(needed)
 
-  opts = _LayerOptions(bn_momentum, sync_batch_norm, zero_init_residual, portable)
+  opts = _LayerOptions(bn_momentum, sync_batch_norm, zero_init_residual, portable,
+                       fused_batch_norm)
   inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")
   # float32 whatever the policy: pixel statistics lose precision in bfloat16, and the
   # stem convolution casts its input to the compute dtype anyway.

@@ -1,0 +1,102 @@
+"""Batch normalisation through TensorFlow's fused kernel (FusedBatchNormV3): Keras's
+BatchNormalization with the same variables, maths and conventions, in one op per
+direction instead of Keras's separate moments and normalisation ops.
+"""
+
+import functools
+
+import keras
+import tensorflow as tf
+from keras import ops
+from tensorflow.python.framework import kernels
+
+# The dtypes the fused kernel takes as its input x (statistics, scale and offset are
+# always float32: the op's U).
+_FUSED_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@keras.saving.register_keras_serializable(package="resnet_cifar")
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+  """keras.layers.BatchNormalization, computed by TensorFlow's fused batch-norm kernel.
+
+  Same constructor, variables (gamma, beta, moving_mean, moving_variance: float32, same
+  names, so the same variable paths and checkpoints), config and conventions:
+  moving = moving * momentum + batch_stat * (1 - momentum), with the biased batch
+  variance, as Keras. Only `call` differs. Half-precision inputs go into the kernel as they
+  are (it accumulates in float32) unless this TensorFlow has no kernel for them, then in
+  float32. What the kernel cannot do (a mask, renorm, synchronized statistics, other than
+  4-D channels-last inputs, float64) falls back to Keras's own `call`.
+  """
+
+  def call(self, inputs, training=None, mask=None):
+    if not self._fusable(inputs, mask):
+      return super().call(inputs, training=training, mask=mask)
+    x = ops.cast(inputs, self.compute_dtype)
+    if x.dtype.name not in _kernel_dtypes():
+      x = ops.cast(x, "float32")
+    channels = x.shape[-1]
+    scale = (ops.cast(self.gamma, "float32") if self.scale
+             else tf.ones([channels], tf.float32))
+    offset = (ops.cast(self.beta, "float32") if self.center
+              else tf.zeros([channels], tf.float32))
+    if training and self.trainable:
+      y = self._train_and_update(x, scale, offset)
+    else:
+      # The raw op: every attribute explicit, epsilon passed on unchanged (Python
+      # wrappers of some TensorFlow versions raised it to 1.001e-5).
+      y = tf.raw_ops.FusedBatchNormV3(
+          x=x, scale=scale, offset=offset, mean=ops.cast(self.moving_mean, "float32"),
+          variance=ops.cast(self.moving_variance, "float32"), epsilon=self.epsilon,
+          data_format="NHWC", is_training=False).y
+    return ops.cast(y, self.compute_dtype)
+
+  def _fusable(self, inputs, mask) -> bool:
+    """Whether the fused kernel computes what Keras's call would (to float rounding)."""
+    return (mask is None and not self.renorm and not self.synchronized
+            and len(inputs.shape) == 4 and self.axis in (-1, 3)
+            and self.compute_dtype in _FUSED_DTYPES)
+
+  def _train_and_update(self, x, scale, offset):
+    """Normalises with the batch's statistics and updates the moving ones as Keras does."""
+    # exponential_avg_factor=1: the kernel returns the batch's statistics, which we average
+    # ourselves (its own running average would use the unbiased variance).
+    out = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=scale, offset=offset, mean=tf.constant([], tf.float32),
+        variance=tf.constant([], tf.float32), epsilon=self.epsilon,
+        exponential_avg_factor=1.0, data_format="NHWC", is_training=True)
+    # The kernel's batch_variance carries Bessel's correction n / (n - 1) (n = N*H*W,
+    # the kernel using 1 for n - 1 when n = 1); Keras's moving variance takes the biased
+    # variance, which also normalises the batch.
+    n = tf.cast(tf.size(x, out_type=tf.int64) // x.shape[-1], tf.float32)
+    variance = out.batch_variance * (tf.maximum(n - 1.0, 1.0) / tf.maximum(n, 1.0))
+    momentum = self.momentum
+    self.moving_mean.assign(ops.cast(self.moving_mean, "float32") * momentum
+                            + out.batch_mean * (1.0 - momentum))
+    self.moving_variance.assign(ops.cast(self.moving_variance, "float32") * momentum
+                                + variance * (1.0 - momentum))
+    return out.y
+
+
+@functools.cache
+def _kernel_dtypes() -> frozenset[str]:
+  """The input dtypes with fused forward and gradient kernels on every device type here.
+
+  Every TensorFlow build registers float32; half types depend on the build and device.
+  """
+  device_types = {device.device_type for device in tf.config.list_physical_devices()}
+  supported = None
+  for op in ("FusedBatchNormV3", "FusedBatchNormGradV3"):
+    for device_type in device_types:
+      dtypes = set()
+      for kernel in kernels.get_registered_kernels_for_op(op).kernel:
+        if kernel.device_type == device_type:
+          dtypes |= _constraint_dtypes(kernel)
+      supported = dtypes if supported is None else supported & dtypes
+  return frozenset(supported or {"float32"})
+
+
+def _constraint_dtypes(kernel) -> set[str]:
+  for constraint in kernel.constraint:
+    if constraint.name == "T":
+      return {tf.as_dtype(t).name for t in constraint.allowed_values.list.type}
+  return set()
