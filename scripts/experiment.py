@@ -1,5 +1,6 @@
 """The plain-vs-residual experiment's shared parts: reading finished or running runs, and
-writing curves.csv, the figure in the style of He et al. (2015) Figure 6 and results.md.
+writing curves.csv, the figure in the style of He et al. (2015) Figure 6 (or the origin
+blog post's loss-and-accuracy figure) and results.md.
 Used by scripts/compare_plain_residual.py and scripts/plot_runs.py.
 """
 
@@ -9,11 +10,15 @@ import dataclasses
 import json
 import os
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 # Pure Python: the study's parent process must not load TensorFlow.
 from trainer.run_files import (CONFIG_FILE, EPOCH_ACCURACY_TAG, EPOCH_LOSS_TAG, HISTORY_FILE,
                                METRICS_FILE, TEST_EVENTS, TRAIN_EVENTS, VALIDATION_EVENTS,
                                eval_split_name)
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn: studies start faster.
+  from matplotlib.figure import Figure
 
 PLAIN = "plain"
 RESIDUAL = "residual"
@@ -372,13 +377,36 @@ def legend_labels(runs: Sequence[Run], *, title: str | None = None) -> dict[str,
   return _unique_labels(runs, layout=title is not None or len(layouts) > 1)
 
 
+def progress(run: Run) -> str:
+  """How far an unfinished run got, e.g. "unfinished, 5 of 20 epochs"."""
+  planned = f"{run.planned_epochs:g}" if run.planned_epochs else "?"
+  return f"unfinished, {run.history[-1]['epoch']:g} of {planned} epochs"
+
+
+def curve_labels(runs: Sequence[Run], *, title: str | None = None) -> dict[str, str]:
+  """model dir -> a figure's legend label: legend_labels(), plus how far an unfinished run
+  got (its curves stop short of the others') and, when the runs mix test and validation
+  curves, which runs show validation curves."""
+  labels = legend_labels(runs, title=title)
+  mixed = len({r.eval_split for r in runs}) > 1
+  out = {}
+  for run in runs:
+    notes = []
+    if not run.finished:
+      notes.append(progress(run))
+    if mixed and run.eval_split == "validation":
+      notes.append("validation curve")
+    out[run.model_dir] = labels[run.model_dir] + (f" [{'; '.join(notes)}]" if notes else "")
+  return out
+
+
 def plot_figure(runs: Sequence[Run], path: str, *, x_axis: str = "epoch",
-                title: str | None = None) -> None:
+                title: str | None = None) -> "Figure":
   """Writes the figure: plain nets left, ResNets right, error (%) over time.
 
   Training error is dashed and thin, test (or validation) error solid and bold; one colour
   per depth (per run where runs share a depth and kind). Runs of one kind only (e.g. an
-  ablation of ResNets) get one panel.
+  ablation of ResNets) get one panel. The legend says how far unfinished runs got.
 
   Args:
     runs: the runs to draw.
@@ -386,6 +414,8 @@ def plot_figure(runs: Sequence[Run], path: str, *, x_axis: str = "epoch",
     x_axis: "epoch" or "step" (He et al. plot iterations).
     title: the figure's title; default: describe_settings(runs). A given title moves the
       runs' layouts (e.g. "widths 16,32,64,128") into the legend.
+  Returns:
+    the (closed) matplotlib Figure, for inspection.
   """
   if x_axis not in X_AXES:
     raise ValueError(f"x_axis must be one of {X_AXES}, got {x_axis!r}")
@@ -396,7 +426,7 @@ def plot_figure(runs: Sequence[Run], path: str, *, x_axis: str = "epoch",
   from matplotlib.ticker import MaxNLocator
 
   colours = run_colours(runs)
-  labels = legend_labels(runs, title=title)
+  labels = curve_labels(runs, title=title)
   eval_name = "/".join(sorted({r.eval_split for r in runs}, reverse=True)) or "test"
   panels = [(kind, heading) for kind, heading in zip(KINDS, ("plain networks", "ResNets"))
             if any(r.kind == kind for r in runs)] or [(KINDS[1], "ResNets")]
@@ -437,7 +467,94 @@ def plot_figure(runs: Sequence[Run], path: str, *, x_axis: str = "epoch",
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+  return fig
 
+
+def _blog_order(run: Run) -> tuple:
+  """The blog figure's run order: by depth, each plain net before its ResNet twin."""
+  return run.depth, run.kind != PLAIN, run.name, run.model_dir
+
+
+def blog_colours(runs: Sequence[Run]) -> dict[str, str]:
+  """model dir -> line colour for the blog figure: one colour per run. Unlike Figure 6,
+  plain nets and ResNets share its panels, so a colour per depth would merge plain-34 and
+  ResNet-34."""
+  palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+             "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+  ordered = sorted(runs, key=_blog_order)
+  return {run.model_dir: palette[i % len(palette)] for i, run in enumerate(ordered)}
+
+
+def _blog_legend(fig: "Figure", runs: Sequence[Run], styles: dict[str, dict],
+                 labels: dict[str, str]) -> None:
+  """The blog figure's one legend, under both panels so that it hides no curve: the runs in
+  columns of `rows` (a depth's plain net above its ResNet twin when each depth has both),
+  then a column saying which line is training and which test (or validation)."""
+  from matplotlib.lines import Line2D
+
+  rows = max(2, -(-len(runs) // 4))  # Up to 4 columns of runs: long labels fit the width.
+  handles = [Line2D([], [], linestyle="-", linewidth=2.2, label=labels[run.model_dir],
+                    **styles[run.model_dir]) for run in sorted(runs, key=_blog_order)]
+  # matplotlib fills a legend column by column: blank entries keep the key in its own.
+  blank = lambda: Line2D([], [], linestyle="none", label="")  # noqa: E731
+  handles += [blank() for _ in range(-len(handles) % rows)]
+  splits = sorted({r.eval_split for r in runs}) or ["test"]
+  handles += [Line2D([], [], color="black", linestyle="--", linewidth=1.0, label="training"),
+              Line2D([], [], color="black", linestyle="-", linewidth=2.2,
+                     label=" / ".join(splits))]
+  handles += [blank() for _ in range(rows - 2)]
+  fig.legend(handles=handles, loc="outside lower center", ncols=len(handles) // rows,
+             fontsize=9, frameon=False)
+
+
+def plot_blog_figure(runs: Sequence[Run], path: str, *,
+                     title: str | None = None) -> "Figure":
+  """Writes the origin blog post's figure: loss (left) and accuracy in % (right) per epoch.
+
+  Both panels share the epoch axis and hold every run, one colour per run: training
+  dashed and thin, test (or validation, for --validation_split runs) solid and bold.
+
+  Args:
+    runs: the runs to draw.
+    path: the PNG to write.
+    title: the figure's title; default: describe_settings(runs). A given title moves the
+      runs' layouts (e.g. "widths 16,32,64,128") into the legend.
+  Returns:
+    the (closed) matplotlib Figure, for inspection.
+  """
+  import matplotlib
+  matplotlib.use("Agg")  # Files only: no display on training machines.
+  import matplotlib.pyplot as plt
+  from matplotlib.ticker import MaxNLocator
+
+  colours = blog_colours(runs)
+  # Markers only when curves have few points, where a bare line would hide them; for all
+  # runs or none, so that a short (unfinished) run's legend entry matches the others.
+  marker = "o" if max((len(r.history) for r in runs), default=0) <= 12 else None
+  styles = {run.model_dir: dict(color=colours[run.model_dir], marker=marker) for run in runs}
+  fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 5.2), sharex=True,
+                                        layout="constrained")
+  for run in sorted(runs, key=_blog_order):
+    xs = [h["epoch"] for h in run.history]
+    for ax, metric, scale in ((loss_ax, "loss", 1.0), (acc_ax, "accuracy", 100.0)):
+      ax.plot(xs, [scale * h[f"train_{metric}"] for h in run.history], linestyle="--",
+              linewidth=1.0, markersize=3, **styles[run.model_dir])
+      ax.plot(xs, [scale * h[f"{run.eval_split}_{metric}"] for h in run.history],
+              linestyle="-", linewidth=2.2, markersize=4, **styles[run.model_dir])
+  for ax, heading, unit in ((loss_ax, "loss", "cross-entropy loss"),
+                            (acc_ax, "accuracy", "accuracy (%)")):
+    ax.set_title(heading)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(unit)
+    ax.grid(alpha=0.3)
+    if not runs:
+      ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes)
+  loss_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  _blog_legend(fig, runs, styles, curve_labels(runs, title=title))
+  fig.suptitle(title if title is not None else describe_settings(runs), fontsize=10)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return fig
 
 def _by_depth(runs: Sequence[Run]) -> tuple[dict[tuple[int, str], Run], list[str]]:
   table, notes = {}, []
@@ -513,9 +630,50 @@ def _cell(value: float | None) -> str:
   return "-" if value is None else f"{value:.2f}"
 
 
+def format_duration(seconds: float) -> str:
+  """A wall time for people, e.g. "42 s", "53 min 10 s", "2 h 05 min"."""
+  seconds = round(seconds)
+  if seconds < 60:
+    return f"{seconds} s"
+  if seconds < 3600:
+    return f"{seconds // 60} min {seconds % 60:02d} s"
+  return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def wall_time(run: Run) -> str:
+  """The run's wall time (metrics.json wall_seconds, all sessions of a resumed run), or
+  "unfinished, N of M epochs"."""
+  if not run.finished:
+    return progress(run)
+  seconds = (run.metrics or {}).get("wall_seconds")
+  # A run stopped between its last epoch and metrics.json has curves but no total.
+  return format_duration(seconds) if seconds is not None else "- (no metrics.json)"
+
+
+def run_table(runs: Sequence[Run]) -> list[str]:
+  """The per-run table of results.md: every run (not one per depth and kind), with
+  accuracies in percent, final training error and wall time."""
+  labels = legend_labels(runs)
+  lines = ["| run | final test accuracy | best test accuracy | final train accuracy "
+           "| final train error | wall time |", "|---|---:|---:|---:|---:|---|"]
+  accuracy = lambda error: None if error is None else 100.0 - error  # noqa: E731
+  for run in sorted(runs, key=_blog_order):
+    # With a validation split, the best is over the validation epochs.
+    best = _cell(accuracy(run.best_test_error)) + (
+        " (validation)" if run.eval_split == "validation" else "")
+    lines.append(f"| {labels[run.model_dir]} | {_cell(accuracy(run.final_test_error))} | "
+                 f"{best} | {_cell(accuracy(run.final_train_error))} | "
+                 f"{_cell(run.final_train_error)} | {wall_time(run)} |")
+  if not runs:
+    lines.append("| - | - | - | - | - | - |")
+  return lines
+
+
 def results_markdown(runs: Sequence[Run], *, command: str | None = None,
                      failures: Sequence[str] = ()) -> str:
-  """results.md: final and best test error per depth and kind, the gap, and the trends.
+  """results.md: final and best test error per depth and kind, the gap, and the trends;
+  then per run its final and best test accuracy, final training accuracy and error, and
+  wall time (or how far an unfinished run got).
 
   Args:
     runs: the runs to tabulate (at most one per depth and kind is used).
@@ -556,6 +714,10 @@ def results_markdown(runs: Sequence[Run], *, command: str | None = None,
                  f"{_cell(get(residual, 'final_train_error'))} |")
   if not depths:
     lines.append("| - | - | - | - | - | - | - | - |")
+  lines += ["", "## Per run", "",
+            "Accuracies and errors in percent; *final* as above (for an unfinished run: its "
+            "last epoch so far); wall time from metrics.json, over all sessions of a resumed "
+            "run.", ""] + run_table(runs)
   lines += ["", "## Depth trends", ""] + depth_trends(runs)
   if any(r.config.get("data_source") == "synthetic" for r in runs):
     lines += ["", "Note: synthetic data has random labels, so every net sits near 90% test "

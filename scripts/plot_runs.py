@@ -1,5 +1,6 @@
-"""Draws existing runs as the plain-vs-residual figure (He et al. 2015 Figure 6 style),
-without retraining: `python scripts/plot_runs.py RUN_DIR... [--output=figure.png]`.
+"""Draws existing runs as the plain-vs-residual figure (He et al. 2015 Figure 6 style), or
+as the origin blog post's loss-and-accuracy figure (--style=blog), without retraining:
+`python scripts/plot_runs.py RUN_DIR... [--output=figure.png] [--style=he2016|blog]`.
 
 Each RUN_DIR is a trainer --model_dir (its config.json gives depth and plain; its per-epoch
 curves come from history.json, or from the TensorBoard epoch_* tags when history.json is
@@ -23,8 +24,12 @@ flags.DEFINE_string("output", "figure.png", "The figure (PNG) to write.")
 flags.DEFINE_string("csv", None, "Also write the per-epoch curves here (curves.csv format).")
 flags.DEFINE_string("results", None, "Also write the results table here (results.md "
                     "format).")
+flags.DEFINE_enum("style", "he2016", ["he2016", "blog"], "The figure: he2016, error per "
+                  "epoch with plain nets left and ResNets right (He et al. 2015, Figure 6); "
+                  "blog, loss left and accuracy right, every run in both (the origin blog "
+                  "post).")
 flags.DEFINE_enum("x_axis", "epoch", list(experiment.X_AXES), "The figure's x axis: epoch, "
-                  "or step (He et al. plot iterations).")
+                  "or step (He et al. plot iterations); --style=he2016 only.")
 flags.DEFINE_string("title", None, "The figure's title; default: the runs' data and "
                     "schedule.")
 
@@ -48,6 +53,11 @@ def main(argv):
     print("error: give one or more RUN_DIRs (trainer model dirs, or folders of them)",
           file=sys.stderr)
     sys.exit(2)
+  if FLAGS.style == "blog" and FLAGS.x_axis != "epoch":
+    # The blog figure is per epoch; quietly drawing epochs would ignore the request.
+    print("error: --x_axis=step is for --style=he2016; the blog figure is per epoch",
+          file=sys.stderr)
+    sys.exit(2)
   runs, problems = [], []
   for model_dir in expand_run_dirs(argv[1:]):
     try:
@@ -57,14 +67,18 @@ def main(argv):
       print(f"skipping: {e}", file=sys.stderr)
       continue
     runs.append(run)
-    state = "finished" if run.finished else (f"unfinished, {run.history[-1]['epoch']}/"
-                                             f"{run.planned_epochs} epochs")
+    state = "finished" if run.finished else experiment.progress(run)
+    # None: a --validation_split run measures its test error only when it finishes.
+    final = "-" if run.final_test_error is None else f"{run.final_test_error:.2f}%"
     print(f"{run.label}: {model_dir} ({state}; curves from {run.history_source}), final "
-          f"test error {run.final_test_error:.2f}%")
+          f"test error {final}")
   if not runs:
     print("error: no run to plot", file=sys.stderr)
     sys.exit(1)
-  experiment.plot_figure(runs, FLAGS.output, x_axis=FLAGS.x_axis, title=FLAGS.title)
+  if FLAGS.style == "blog":
+    experiment.plot_blog_figure(runs, FLAGS.output, title=FLAGS.title)
+  else:
+    experiment.plot_figure(runs, FLAGS.output, x_axis=FLAGS.x_axis, title=FLAGS.title)
   written = [FLAGS.output]
   if FLAGS.csv:
     experiment.write_curves_csv(runs, FLAGS.csv)

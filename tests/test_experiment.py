@@ -67,6 +67,10 @@ def test_study_writes_runs_curves_figure_and_table(study):
   assert "| depth | plain final test | plain best test | ResNet final test" in results
   table_rows = [line for line in results.splitlines() if line.startswith("| 8 |")]
   assert len(table_rows) == 1 and table_rows[0].count("|") == 9
+  # The per-run table: finished runs give their wall time from metrics.json.
+  for label in ("plain-8", "ResNet-8"):
+    (row,) = [line for line in results.splitlines() if line.startswith(f"| {label} |")]
+    assert row.count("|") == 7 and row.endswith(" s |"), row
   assert "--depths=8" in results and "synthetic" in results
 
 
@@ -197,6 +201,104 @@ def test_figure_of_one_kind_has_one_panel(tmp_path):
                          tmp_path / "two.png")
   one, two = (matplotlib.image.imread(tmp_path / f).shape for f in ("one.png", "two.png"))
   assert one[0] == two[0] and one[1] < 0.6 * two[1]
+
+
+def _blog_runs() -> list[experiment.Run]:
+  """The blog study's three runs, quarter width; ResNet-50 stopped after 1 of 2 epochs."""
+  runs = [_run("plain-34", 34, True, [60.0, 50.0]), _run("resnet-34", 34, False, [55.0, 40.0]),
+          _run("resnet-50", 50, False, [58.0])]
+  for run in runs:
+    run.config.update(recipe="blog", stage_widths=[16, 32, 64, 128], epochs=2)
+  return runs
+
+
+def test_blog_figure_draws_loss_and_accuracy_of_every_run(tmp_path):
+  runs = _blog_runs()
+  fig = experiment.plot_blog_figure(runs, str(tmp_path / "blog.png"), title="blog study")
+  image = matplotlib.image.imread(tmp_path / "blog.png")
+  assert image.ndim == 3 and image.shape[1] > image.shape[0] > 100
+  loss_ax, acc_ax = fig.axes
+  assert (loss_ax.get_title(), acc_ax.get_title()) == ("loss", "accuracy")
+  assert loss_ax.get_shared_x_axes().joined(loss_ax, acc_ax)
+  for ax in (loss_ax, acc_ax):
+    lines = ax.get_lines()
+    assert len(lines) == 2 * len(runs)  # training and test per run
+    assert sorted(line.get_linestyle() for line in lines) == ["-"] * 3 + ["--"] * 3
+    # One colour per run, shared by its training and test lines: plain-34 and ResNet-34
+    # are not merged as Figure 6's colour-per-depth would.
+    assert len({line.get_color() for line in lines}) == len(runs)
+  # The accuracy panel in percent: ResNet-34's test curve (4th line: plain-34 first).
+  assert list(acc_ax.get_lines()[3].get_ydata()) == pytest.approx([45.0, 60.0])
+  (legend,) = fig.legends
+  labels = [t.get_text() for t in legend.get_texts() if t.get_text()]
+  # A given title moves the shared layout into the legend.
+  assert labels == ["plain-34 (widths 16,32,64,128)", "ResNet-34 (widths 16,32,64,128)",
+                    "ResNet-50 (widths 16,32,64,128) [unfinished, 1 of 2 epochs]",
+                    "training", "test"]
+  assert fig.get_suptitle() == "blog study"
+  # The default title says the layout the runs share; the legend then does not.
+  fig = experiment.plot_blog_figure(runs, str(tmp_path / "default.png"))
+  assert "widths 16,32,64,128" in fig.get_suptitle()
+  assert [t.get_text() for t in fig.legends[0].get_texts()][:2] == ["plain-34", "ResNet-34"]
+
+
+def test_blog_figure_names_validation_curves(tmp_path):
+  history = ({"epoch": 1, "step": 5, "train_loss": 2.0, "train_accuracy": 0.5,
+              "validation_loss": 1.5, "validation_accuracy": 0.6},)
+  validated = experiment.Run("resnet-20", "/runs/resnet-20",
+                             {"depth": 20, "plain": False, "epochs": 1,
+                              "validation_split": 5000}, history, experiment.HISTORY_FILE)
+  fig = experiment.plot_blog_figure([validated], str(tmp_path / "validation.png"))
+  assert [t.get_text() for t in fig.legends[0].get_texts() if t.get_text()] == [
+      "ResNet-20", "training", "validation"]
+  assert [list(line.get_ydata()) for line in fig.axes[0].get_lines()] == [[2.0], [1.5]]
+  fig = experiment.plot_blog_figure([validated, _run("plain-20", 20, True, [30.0])],
+                                    str(tmp_path / "mixed.png"))
+  assert [t.get_text() for t in fig.legends[0].get_texts() if t.get_text()] == [
+      "plain-20", "ResNet-20 [validation curve]", "training", "test / validation"]
+
+
+def test_figure6_legend_says_how_far_unfinished_runs_got(tmp_path):
+  fig = experiment.plot_figure(_blog_runs(), str(tmp_path / "he2016.png"))
+  plain_ax, resnet_ax = fig.axes
+  assert [t.get_text() for t in resnet_ax.get_legend().get_texts()] == [
+      "ResNet-34", "ResNet-50 [unfinished, 1 of 2 epochs]", "training error", "test error"]
+  assert [t.get_text() for t in plain_ax.get_legend().get_texts()][0] == "plain-34"
+
+
+def test_results_table_per_run_accuracies_and_wall_time():
+  runs = _blog_runs()
+  runs[0] = dataclasses.replace(runs[0], metrics={"wall_seconds": 3190.3})
+  # runs[1] finished without metrics.json (stopped before writing it); runs[2] unfinished.
+  text = experiment.results_markdown(runs)
+  # The depth table keeps its columns.
+  assert "| 34 | 50.00 | 50.00 | 40.00 | 40.00 | 10.00 | 49.00 | 39.00 |" in text
+  assert ("| run | final test accuracy | best test accuracy | final train accuracy "
+          "| final train error | wall time |") in text
+  # final and best test accuracy, final training accuracy and error (_run: test error - 1).
+  assert "| plain-34 | 50.00 | 50.00 | 51.00 | 49.00 | 53 min 10 s |" in text
+  assert "| ResNet-34 | 60.00 | 60.00 | 61.00 | 39.00 | - (no metrics.json) |" in text
+  assert "| ResNet-50 | 42.00 | 42.00 | 43.00 | 57.00 | unfinished, 1 of 2 epochs |" in text
+  assert [experiment.format_duration(s) for s in (42.4, 61, 7325)] == [
+      "42 s", "1 min 01 s", "2 h 02 min"]
+
+
+def test_plot_runs_draws_the_blog_style(tmp_path):
+  for run in _blog_runs()[1:]:  # ResNets only: Figure 6 style would draw one panel.
+    (tmp_path / run.name).mkdir()
+    (tmp_path / run.name / run_files.CONFIG_FILE).write_text(json.dumps(run.config))
+    (tmp_path / run.name / run_files.HISTORY_FILE).write_text(
+        json.dumps({"history": list(run.history)}))
+  figure = tmp_path / "blog.png"
+  result = run_script("plot_runs.py", tmp_path, "--style=blog", f"--output={figure}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "ResNet-50" in result.stdout and "unfinished, 1 of 2 epochs" in result.stdout
+  height, width, _ = matplotlib.image.imread(figure).shape
+  assert height > 100 and width > 2 * height  # loss and accuracy side by side
+  result = run_script("plot_runs.py", tmp_path, "--style=blog", "--x_axis=step",
+                      f"--output={tmp_path / 'step.png'}")
+  assert result.returncode == 2 and "--style=he2016" in result.stderr
+  assert not (tmp_path / "step.png").exists()
 
 
 def write_epoch_events(log_dir: pathlib.Path, points: list[tuple[int, float, float]]) -> None:
