@@ -1,7 +1,9 @@
 """Recipes resolve to the documented values; schedules in steps; resume keeps the schedule's
 position; EMA and flip-TTA evaluation."""
 
+import json
 import math
+import re
 
 from absl import flags
 import numpy as np
@@ -120,9 +122,14 @@ def test_learning_rate_schedule_survives_resume(tmp_path):
           "--steps_per_epoch=4", "--eval_steps=1", "--epochs=3", "--warmup_epochs=1",
           "--log_every_steps=1", "--checkpoint_every_steps=1", f"--model_dir={tmp_path}"]
   run_and_kill(args, "step 6/12")
+  assert not (tmp_path / "metrics.json").exists()  # Killed before the end.
   finished = run_main(*args)
   assert finished.returncode == 0, finished.stderr[-3000:]
-  assert "resumed from" in finished.stderr
+  resumed = re.search(r"resumed from \S+ at step (\d+)", finished.stderr)
+  # Mid-run: the rerun trained the rest of the schedule itself.
+  assert resumed and 6 <= int(resumed.group(1)) < 12, finished.stderr[-3000:]
+  assert json.loads((tmp_path / "metrics.json").read_text())["resumed_from_step"] == int(
+      resumed.group(1))
   rates = logged(tmp_path / "train", "learning_rate")
   config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=16,
                              steps_per_epoch=4, epochs=3, warmup_epochs=1)
