@@ -250,8 +250,9 @@ def test_a_checkpoint_of_the_stock_layer_restores_and_resumes(monkeypatch, tmp_p
     _train_step(model, keras.optimizers.SGD(0.1), images, labels)
   old_values = {v.path: v.numpy() for v in old.variables}
   for variable in new.variables:
+    # One SGD step at 0.1 from gradients that the fused kernel rounds differently.
     np.testing.assert_allclose(variable.numpy(), old_values[variable.path], rtol=1e-4,
-                               atol=1e-5, err_msg=variable.path)
+                               atol=2e-4, err_msg=variable.path)
 
 
 def test_builds_use_the_fused_layer_except_portable_and_synchronized():

