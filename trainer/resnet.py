@@ -191,11 +191,7 @@ def build_model(arch: Architecture, *, num_classes: int = 10,
     ValueError: for inconsistent input statistics.
   """
   mean, std = _input_statistics(input_mean, input_std)
-  # Keras maps a functional graph recursively, one Python frame per layer on the longest
-  # path; ResNet-1202 (about 4,200 layers) would exceed Python's default limit of 1,000.
-  needed = 2_000 + 12 * sum(arch.stage_sizes)
-  if sys.getrecursionlimit() < needed:
-    sys.setrecursionlimit(needed)
+  _ensure_recursion_limit(arch)
 
   opts = _LayerOptions(bn_momentum, sync_batch_norm, zero_init_residual, portable,
                        fused_batch_norm)
@@ -216,6 +212,14 @@ def build_model(arch: Architecture, *, num_classes: int = 10,
                         name="head_dense")(x)
   name = f"{'plain' if arch.plain else 'resnet'}{arch.depth}"
   return keras.Model(inputs, logits, name=name)
+
+
+def _ensure_recursion_limit(arch: Architecture) -> None:
+  # Keras maps a functional graph recursively, one Python frame per layer on the longest
+  # path; ResNet-1202 (about 4,200 layers) would exceed Python's default limit of 1,000.
+  needed = 2_000 + 12 * sum(arch.stage_sizes)
+  if sys.getrecursionlimit() < needed:
+    sys.setrecursionlimit(needed)
 
 
 def _input_statistics(input_mean: Sequence[float] | None, input_std: Sequence[float] | None
