@@ -13,6 +13,8 @@ from input_pipeline import sources
 from trainer import config as config_lib
 from trainer import evaluation, schedule, state as state_lib, train
 
+from conftest import checkpoint_weights
+
 TINY = dict(depth=8, data_source="synthetic", global_batch_size=16, eval_steps=2)
 
 
@@ -54,9 +56,9 @@ def test_the_ema_is_the_hand_computed_average_and_differs_from_the_weights(tmp_p
   outcome = train.run_training(config, tf.distribute.get_strategy())
   average = dict(initial)
   for step in (1, 2, 3):
-    reader = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints" / f"ckpt-{step}"))
+    weights = checkpoint_weights(tmp_path / "run" / "checkpoints" / f"ckpt-{step}")
     for path in average:
-      average[path] = decay * average[path] + (1 - decay) * _model_tensor(reader, path)
+      average[path] = decay * average[path] + (1 - decay) * weights[path]
   ema = {v.path: e.numpy() for v, e in zip(state_lib.averaged_variables(outcome.state.model),
                                             outcome.state.ema)}
   kernel = "stem_conv/kernel"
@@ -66,11 +68,6 @@ def test_the_ema_is_the_hand_computed_average_and_differs_from_the_weights(tmp_p
   assert not np.allclose(ema[kernel], current[kernel])
   assert outcome.metrics["test_ema_accuracy"] >= 0
   assert outcome.metrics["test_ema_loss"] != outcome.metrics["test_loss"]
-
-
-def _model_tensor(reader, path: str) -> np.ndarray:
-  """A model variable's value in a checkpoint (dict keys escape "/" as ".S")."""
-  return reader.get_tensor(f"model/{path.replace('/', '.S')}/.ATTRIBUTES/VARIABLE_VALUE")
 
 
 def test_a_validation_run_evaluates_the_test_split_once_at_the_end(tmp_path):

@@ -195,8 +195,8 @@ def for_existing_run(saved: dict, given: dict, source: str) -> tuple[Config, lis
   names = {field.name for field in dataclasses.fields(Config)}
   values = {name: tuple(v) if isinstance(v, list) else v
             for name, v in saved.items() if name in names}
-  contradicting = [f"--{name}={_flag_text(given[name])} (the run in {source} has "
-                   f"--{name}={_flag_text(values.get(name))})"
+  contradicting = [f"--{name}={flag_text(given[name])} (the run in {source} has "
+                   f"--{name}={flag_text(values.get(name))})"
                    for name in RUN_DEFINING if name in given and given[name] != values.get(name)]
   if contradicting:
     raise ConfigError(f"{', '.join(contradicting)}: leave the flag out to use the run's "
@@ -208,7 +208,8 @@ def for_existing_run(saved: dict, given: dict, source: str) -> tuple[Config, lis
   return Config(**values), ignored
 
 
-def _flag_text(value) -> str:
+def flag_text(value) -> str:
+  """A setting as it is written on the command line (tuples comma-separated)."""
   if isinstance(value, (tuple, list)):
     return ",".join(map(str, value))
   return str(value)

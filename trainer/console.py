@@ -8,7 +8,7 @@ import time
 from absl import logging
 
 from trainer import run_files
-from trainer.config import Config
+from trainer.config import Config, flag_text
 
 # The settings block: each group a line of the settings people look at first.
 SETTING_GROUPS = {
@@ -92,13 +92,8 @@ def settings_block(config: Config) -> str:
   settings = vars(config)
   lines = []
   for group, names in SETTING_GROUPS.items():
-    shown = [f"{name}={_text(settings[name])}" for name in names
+    shown = [f"{name}={flag_text(settings[name])}" for name in names
              if settings[name] is not None and settings[name] is not False]
     lines.append(f"  {group + ':':<14}{' '.join(shown)}")
   return "settings:\n" + "\n".join(lines)
 
-
-def _text(value) -> str:
-  if isinstance(value, (tuple, list)):
-    return ",".join(map(str, value))
-  return str(value)

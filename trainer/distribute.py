@@ -607,8 +607,8 @@ def resolve_precision(precision: str, strategy: tf.distribute.Strategy) -> str:
     strategy: where the model runs.
   Returns:
     mixed_bfloat16 on TPUs and on GPUs of compute capability 8.0+, mixed_float16 on 7.x,
-    float32 on older GPUs and on CPUs (where bfloat16 measured slower, see
-    ../shared/docs/tf-keras-facts.md).
+    float32 on older GPUs and on CPUs (where mixed_bfloat16 measured 0.55x float32 for
+    ResNet-50 at batch 128 on a 2-core AVX-512 BF16 Xeon, TF 2.21).
   """
   if precision != "auto":
     return precision

@@ -215,12 +215,12 @@ def check_free_space(model_dir: str, checkpoint_bytes: int, keep: int) -> None:
                       f"({keep} kept + the best + one being written)")
 
 
-def _variable_settings(settings: dict, precision: str | None) -> dict[str, str]:
-  """The settings that add or remove checkpoint variables, as the user would name them."""
+def _variable_settings(settings: dict, precision: str | None) -> dict[str, tuple[str, bool]]:
+  """The settings that add or remove checkpoint variables: {flag: (value, adds them)}."""
   ema = float(settings.get("ema_decay") or 0.0)
-  return {"ema_decay": f"{ema} ({'with' if ema else 'no'} moving-average variables)",
-          "precision": f"{precision} ({'with' if precision == 'mixed_float16' else 'no'} "
-                       "loss-scale variables)"}
+  return {"ema_decay": (f"{ema} (%s moving-average variables)", bool(ema)),
+          "precision": (f"{precision} (%s loss-scale variables)",
+                        precision == "mixed_float16")}
 
 
 def check_compatible(model_dir: str, config: Config, precision: str) -> None:
@@ -245,9 +245,11 @@ def check_compatible(model_dir: str, config: Config, precision: str) -> None:
       differing.append(f"--{name}: {theirs!r} in {path}, {mine!r} now")
   if "precision_resolved" in saved:
     theirs = _variable_settings(saved, saved["precision_resolved"])
-    mine = _variable_settings(ours, precision)
-    differing += [f"--{name}: {theirs[name]} in {path}, {mine[name]} now" for name in mine
-                  if theirs[name].split(" (")[1] != mine[name].split(" (")[1]]
+    for name, (text, adds) in _variable_settings(ours, precision).items():
+      their_text, their_adds = theirs[name]
+      if adds != their_adds:
+        differing.append(f"--{name}: {their_text % ('with' if their_adds else 'no')} in "
+                         f"{path}, {text % ('with' if adds else 'no')} now")
   if differing:
     raise RunDirError(
         f"--model_dir={model_dir} holds a run with different settings:\n  "

@@ -231,8 +231,6 @@ class Loop:
         if stop_request is not None and _is_multi_worker(strategy) else None)
     self.summaries = summaries.Summaries(place.out_dir, splits.evaluation_name, place.chief,
                                          splits.class_names)
-    # The confusion matrix of this process's last evaluation (None before one).
-    self.confusion = None
     # Epochs after the restored checkpoint were lost with the crash: forget them.
     self.history = [h for h in run_dir.read_history(place.out_dir)
                     if h["step"] <= place.start_step]
@@ -342,16 +340,16 @@ class Loop:
     logging.info("evaluating on %d %s batches", self.plan.eval_steps, name)
     self.sync_replicas()
     results = self.evaluator.evaluate()
-    self.confusion = self.evaluator.confusion
+    confusion = self.evaluator.confusion
     train_means = self.epoch_means.result()
     self.epoch_means = metrics.EpochMeans()
     record = {"epoch": round(epoch, 4), "step": step,
               **{f"train_{k}": v for k, v in train_means.items()},
               **{f"{name}_{k}": v for k, v in results.items()},
               f"{name}_per_class_accuracy": metrics.per_class_accuracy(
-                  self.confusion, self.splits.class_names)}
+                  confusion, self.splits.class_names)}
     self.history.append(record)
-    self.summaries.epoch(step, train_means, results, self.confusion)
+    self.summaries.epoch(step, train_means, results, confusion)
     logging.info("epoch %.2f train loss %.4f accuracy %.4f, %s %s", epoch,
                  record["train_loss"], record["train_accuracy"], name,
                  " ".join(f"{k} {v:.4f}" for k, v in results.items()))
@@ -439,11 +437,10 @@ class Loop:
     last = self.history[-1] if self.history else None
     if self.splits.evaluation_name == run_files.TEST_EVENTS and last and last["step"] == self.step:
       final = {k[len("test_"):]: v for k, v in last.items() if k.startswith("test_")}
-      if self.confusion is None:  # A rerun of a finished run: only its matrix is missing.
-        self.sync_replicas()
+      if self.evaluator.confusion is None:  # A rerun of a finished run: only its matrix
+        self.sync_replicas()                 # is missing.
         self.evaluator.evaluate()
-        self.confusion = self.evaluator.confusion
-      confusion = self.confusion
+      confusion = self.evaluator.confusion
     else:
       self.sync_replicas()
       evaluator = evaluation.make_evaluator(self.strategy, self.state, self.splits.test,
