@@ -79,9 +79,12 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
 
 @functools.cache
 def _kernel_dtypes() -> frozenset[str]:
-  """The input dtypes with fused forward and gradient kernels on every device type here.
+  """The input dtypes whose fused forward and gradient kernels run on every device here.
 
-  Every TensorFlow build registers float32; half types depend on the build and device.
+  Every TensorFlow build registers float32; half types depend on the build and device,
+  and a registered kernel may still refuse to run: oneDNN's bfloat16 batch norm needs
+  AVX-512, so on an AVX2-only CPU (or under ONEDNN_MAX_CPU_ISA=AVX2) it raises
+  "could not create a primitive descriptor". Each half type is therefore run once.
   """
   device_types = {device.device_type for device in tf.config.list_physical_devices()}
   supported = None
@@ -92,7 +95,29 @@ def _kernel_dtypes() -> frozenset[str]:
         if kernel.device_type == device_type:
           dtypes |= _constraint_dtypes(kernel)
       supported = dtypes if supported is None else supported & dtypes
-  return frozenset(supported or {"float32"})
+  supported = {dtype for dtype in supported or () if dtype in _FUSED_DTYPES}
+  return frozenset({"float32"} | {dtype for dtype in supported - {"float32"}
+                                  if _runs(dtype, device_types)})
+
+
+def _runs(dtype: str, device_types: set[str]) -> bool:
+  """Whether a tiny fused batch norm and its gradient run in `dtype` on each device type."""
+  with tf.init_scope():  # Eager, also when first asked while a tf.function traces.
+    try:
+      for device_type in device_types:
+        with tf.device(f"/{device_type}:0"):
+          x = tf.ones([2, 1, 1, 2], dtype)
+          ones, empty = tf.ones([2]), tf.constant([], tf.float32)
+          out = tf.raw_ops.FusedBatchNormV3(
+              x=x, scale=ones, offset=ones, mean=empty, variance=empty,
+              exponential_avg_factor=1.0, data_format="NHWC", is_training=True)
+          tf.raw_ops.FusedBatchNormGradV3(
+              y_backprop=x, x=x, scale=ones, reserve_space_1=out.reserve_space_1,
+              reserve_space_2=out.reserve_space_2, reserve_space_3=out.reserve_space_3,
+              data_format="NHWC", is_training=True)
+    except (tf.errors.OpError, RuntimeError, ValueError):
+      return False
+  return True
 
 
 def _constraint_dtypes(kernel) -> set[str]:
