@@ -1,6 +1,7 @@
 """Shared test set-up: two logical CPU devices (for MirroredStrategy tests), quiet TF logs,
 and the helpers several test files use (import them: `from conftest import run_main`)."""
 
+import functools
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -49,14 +50,27 @@ def mirrored_on_two_cpus() -> tf.distribute.MirroredStrategy:
                                         cross_device_ops=tf.distribute.ReductionToOneDevice())
 
 
+@functools.cache
+def cpu_runs_bfloat16() -> bool:
+  """Whether this CPU runs bfloat16 convolutions (oneDNN's need AVX-512); the trainer
+  refuses --precision=mixed_bfloat16 where it does not."""
+  from trainer import distribute, errors
+  try:
+    distribute.check_precision_runs("mixed_bfloat16", tf.distribute.get_strategy())
+  except errors.DistributionError:
+    return False
+  return True
+
+
 # The entrypoint, as a real process.
 
-def run_main(*args: str, timeout: float = 300,
-             cwd: pathlib.Path = REPO) -> subprocess.CompletedProcess:
-  """Runs `python -m trainer.main ARGS` (from the repo root unless `cwd`) to the end;
-  output captured."""
+def run_main(*args: str, timeout: float = 300, cwd: pathlib.Path = REPO,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+  """Runs `python -m trainer.main ARGS` (from the repo root unless `cwd`; `env` added to
+  this environment) to the end; output captured."""
   return subprocess.run([sys.executable, "-m", "trainer.main", *args], cwd=cwd,
-                        capture_output=True, text=True, timeout=timeout)
+                        capture_output=True, text=True, timeout=timeout,
+                        env=None if env is None else {**os.environ, **env})
 
 
 def run_and_kill(args: list[str], pattern: str, timeout: float = 300) -> None:

@@ -159,6 +159,19 @@ def test_eval_mode_with_flip_reports_it(finished_run):
   assert f"flip accuracy {metrics['test_flip_accuracy']:.4f}" in result.stdout
 
 
+def test_eval_mode_under_another_precision_reads_the_same_weights(finished_run):
+  # A float32 run evaluated under mixed_float16, whose optimizer has a loss scale the
+  # checkpoint lacks: evaluation restores the model and its average, not the optimizer.
+  metrics = {}
+  for precision in ("float32", "mixed_float16"):
+    result = run_main("--mode=eval", f"--precision={precision}", f"--model_dir={finished_run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics[precision] = json.loads((finished_run / "eval.json").read_text())
+  assert metrics["mixed_float16"]["step"] == metrics["float32"]["step"] == 8
+  assert metrics["mixed_float16"]["test_loss"] == pytest.approx(
+      metrics["float32"]["test_loss"], rel=1e-2)  # float16 activations round to 1e-3
+
+
 def test_eval_and_export_without_checkpoint_fail_clearly(tmp_path):
   for mode in ("eval", "export"):
     result = run_main(*TINY_FLAGS, f"--mode={mode}", f"--model_dir={tmp_path / 'empty'}")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, logged, mirrored_on_two_cpus
+from conftest import REPO, TINY_FLAGS, cpu_runs_bfloat16, logged, mirrored_on_two_cpus, run_main
 from trainer import config as config_lib
 from trainer import distribute, train
 
@@ -172,6 +172,29 @@ def test_precision_and_xla_auto_on_cpu_and_explicit_values_honoured():
     assert distribute.resolve_steps_per_execution(25, strategy) == 25
 
 
+def test_a_precision_this_cpu_cannot_run_is_refused_before_anything_is_written(
+    tmp_path, finished_run):
+  # oneDNN's bfloat16 convolutions need AVX-512; ONEDNN_MAX_CPU_ISA=AVX2 makes any x86 CPU
+  # one without. Training would otherwise end in a traceback at the first step.
+  avx2_only = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+  model_dir = tmp_path / "run"
+  for args in ([*TINY_FLAGS, f"--model_dir={model_dir}"],
+               ["--mode=eval", f"--model_dir={finished_run}"]):
+    result = run_main(*args, "--precision=mixed_bfloat16", timeout=ERROR_TIMEOUT,
+                      env=avx2_only)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: --precision=mixed_bfloat16 cannot run on this CPU: a bfloat16 convolution "
+        "fails (could not create a primitive descriptor"), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+  assert not model_dir.exists()
+  assert not (finished_run / "eval.json").exists()
+  # float16 has a fallback kernel there (Eigen's), so it is not refused.
+  result = run_main("--mode=eval", f"--model_dir={finished_run}", "--precision=mixed_float16",
+                    timeout=ERROR_TIMEOUT, env=avx2_only)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("text, message", [
     (None, "needs the TF_CONFIG environment variable"),
     ("   ", "needs the TF_CONFIG environment variable"),
@@ -299,6 +322,11 @@ def mixed_precision_runs(tmp_path_factory, learnable_folder) -> dict[str, dict]:
 def test_mixed_precision_with_xla_under_mirrored_trains(mixed_precision_runs, precision):
   result = mixed_precision_runs[precision]
   log = result["run"].stderr
+  if precision == "mixed_bfloat16" and not cpu_runs_bfloat16():
+    # A CPU without AVX-512 (the test above): refused, which is all it can do.
+    assert result["run"].returncode == 2, log[-3000:]
+    assert "error: --precision=mixed_bfloat16 cannot run on this CPU" in log
+    return
   assert result["run"].returncode == 0, log[-3000:]
   assert f"MirroredStrategy, 2 replica(s), precision {precision}, XLA on" in log
   assert "Compiled cluster using XLA" in log  # The per-replica step, under the strategy.

@@ -624,6 +624,42 @@ def resolve_precision(precision: str, strategy: tf.distribute.Strategy) -> str:
   return "mixed_bfloat16" if major >= 8 else "mixed_float16" if major >= 7 else "float32"
 
 
+def check_precision_runs(precision: str, strategy: tf.distribute.Strategy) -> None:
+  """Refuses a half-precision policy whose convolutions this CPU cannot run.
+
+  TensorFlow registers bfloat16 kernels for every x86 CPU, but oneDNN creates its
+  bfloat16 convolutions only with AVX-512: on an AVX2-only CPU the first training step
+  would end in "could not create a primitive descriptor". One tiny convolution and its
+  gradients, run once here, tell before the run directory is touched (with XLA too: the
+  evaluation step is not compiled). GPUs and TPUs have their own kernels.
+
+  Raises:
+    DistributionError: naming the policy and what to pass instead.
+  """
+  if precision == "float32" or _device_type(strategy) != "CPU":
+    return
+  dtype = tf.bfloat16 if precision == "mixed_bfloat16" else tf.float16
+  with tf.init_scope(), tf.device("/CPU:0"):
+    images, kernel = tf.ones([1, 4, 4, 2], dtype), tf.ones([3, 3, 2, 2], dtype)
+    try:
+      with tf.GradientTape() as tape:
+        tape.watch([images, kernel])
+        output = tf.nn.conv2d(images, kernel, 1, "SAME")
+      tape.gradient(output, [images, kernel])
+    except tf.errors.OpError as error:
+      raise DistributionError(
+          f"--precision={precision} cannot run on this CPU: a {dtype.name} convolution "
+          f"fails ({_kernel_message(error)}); TensorFlow's oneDNN kernels need AVX-512 "
+          "for bfloat16. Pass --precision=float32, the fastest on CPUs anyway") from None
+
+
+def _kernel_message(error: tf.errors.OpError) -> str:
+  """The reason inside a kernel's error, without TensorFlow's node and file decoration."""
+  text = _first_line(error)
+  reason = text.split("message: ", 1)[-1]
+  return reason.split(". ", 1)[0].split(", in file ", 1)[0].rstrip(".")
+
+
 def resolve_jit_compile(jit_compile: str, strategy: tf.distribute.Strategy) -> bool:
   """Resolves "auto": XLA on GPUs and TPUs, off on CPU (oneDNN is about 3x faster there).
 

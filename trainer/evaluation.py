@@ -8,7 +8,7 @@ import tensorflow as tf
 from input_pipeline import pipeline, sources
 from trainer import data, distribute, errors, metrics, run_dir, schedule
 from trainer.config import Config
-from trainer.state import State, build_state, ema_weights
+from trainer.state import State, build_state, ema_weights, inference_checkpoint
 
 
 class Evaluator:
@@ -87,6 +87,7 @@ def evaluate_checkpoint(config: Config, strategy: tf.distribute.Strategy) -> dic
     the metrics (what trainer/main.py prints, then writes to <model_dir>/eval.json).
   Raises:
     errors.RunDirError: when there is no such checkpoint, or it does not fit the model.
+    errors.DistributionError: for a precision policy this CPU cannot run.
   """
   path = run_dir.resolve_checkpoint(config.model_dir, config.checkpoint or "latest")
   splits = data.load(config)
@@ -94,6 +95,7 @@ def evaluate_checkpoint(config: Config, strategy: tf.distribute.Strategy) -> dic
                             num_train=splits.train.num_examples,
                             num_eval=splits.test.num_examples)
   precision = distribute.resolve_precision(config.precision, strategy)
+  distribute.check_precision_runs(precision, strategy)
   state = build_state(config, strategy, len(splits.class_names), plan, precision)
   path = _restore(state, config, path)
   results = make_evaluator(strategy, state, splits.test, plan, config,
@@ -110,11 +112,11 @@ def _restore(state: State, config: Config, path: str, attempts: int = 5) -> str:
   restored."""
   for _ in range(attempts - 1):
     try:
-      run_dir.restore_for_inference(state.checkpoint, path, state.model.name)
+      run_dir.restore_for_inference(inference_checkpoint(state), path, state.model.name)
       return path
     except errors.CheckpointError:
       if (config.checkpoint or "latest") != "latest" or tf.io.gfile.exists(f"{path}.index"):
         raise
       path = run_dir.resolve_checkpoint(config.model_dir, "latest")
-  run_dir.restore_for_inference(state.checkpoint, path, state.model.name)
+  run_dir.restore_for_inference(inference_checkpoint(state), path, state.model.name)
   return path

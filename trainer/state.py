@@ -112,6 +112,18 @@ def build_state(config: Config, strategy: tf.distribute.Strategy, num_classes: i
   return State(model, optimizer, checkpoint, *counters, ema=ema)
 
 
+def inference_checkpoint(state: State) -> tf.train.Checkpoint:
+  """The part of `state.checkpoint` evaluation reads: model, moving average and step.
+
+  Without the optimizer, whose variables depend on the precision (mixed_float16 adds a
+  loss scale), a run evaluates under any --precision.
+  """
+  return tf.train.Checkpoint(
+      model=variables_by_path(state.model.variables),
+      ema={v.path: e for v, e in zip(averaged_variables(state.model), state.ema)},
+      step=state.step)
+
+
 @contextlib.contextmanager
 def ema_weights(state: State):
   """Puts the moving average into the model for the block's duration (exchanging twice

@@ -120,6 +120,7 @@ def resolve_hardware(config: Config, strategy: tf.distribute.Strategy) -> Hardwa
   Raises:
     ConfigError: for --deterministic with XLA on the imagenet stem (also when "auto"
       chose XLA, as on a GPU).
+    DistributionError: for a precision policy this CPU cannot run.
   """
   hardware = Hardware(
       precision=distribute.resolve_precision(config.precision, strategy),
@@ -130,6 +131,7 @@ def resolve_hardware(config: Config, strategy: tf.distribute.Strategy) -> Hardwa
     raise ConfigError(f"--deterministic cannot be combined with XLA (--jit_compile="
                       f"{config.jit_compile}, on here) for --stem=imagenet: XLA has no "
                       "deterministic max-pool gradient; pass --jit_compile=false")
+  distribute.check_precision_runs(hardware.precision, strategy)
   return hardware
 
 
