@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, checkpoint_weights, event_tags, logged, mirrored_on_two_cpus, run_main
+from conftest import (REPO, TINY_FLAGS, checkpoint_weights, event_tags, logged,
+                      mirrored_on_two_cpus, run_main)
 from trainer import config as config_lib
 from trainer import schedule
 from trainer import state as state_lib
@@ -57,6 +58,30 @@ def test_entrypoint_trains_writes_outputs_and_resumes(tmp_path, image_folder):
   assert metrics["steps"] == 4 and metrics["epochs"] == 2
   assert [h["epoch"] for h in metrics["history"]] == [1, 2]
   assert list((model_dir / "checkpoints").glob("ckpt-4.index"))
+
+
+
+def _profile_breakdown(path) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "scripts/profile_breakdown.py", str(path),
+                         "--steps=2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_profile_breakdown_names_the_parts_of_a_profiled_step(tmp_path):
+  model_dir = tmp_path / "run"
+  result = run_main(*TINY_FLAGS, "--epochs=1", "--profile_steps=1,3", f"--model_dir={model_dir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = _profile_breakdown(model_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  parts = json.loads(result.stdout.splitlines()[-1])["ms_per_step"]
+  # The trainer's own scopes are found, beside the op types.
+  for part in ("convolution, forward", "convolution, input gradient",
+               "convolution, filter gradient", "batch norm, forward", "batch norm, gradient",
+               "L2 weight decay (and its gradient)", "per-stage gradient norms",
+               "metrics and NaN guard", "optimizer (SGD update)"):
+    assert parts.get(part, 0) > 0, (part, parts)
+  assert sum(v for k, v in parts.items() if k.startswith("convolution")) > parts.get("other", 0)
+  result = _profile_breakdown(tmp_path / "nothing")
+  assert result.returncode == 2 and result.stderr.startswith("error: no *.xplane.pb under")
 
 
 def test_mirrored_strategy_on_two_cpus_trains_and_resumes(tmp_path, image_folder):

@@ -48,8 +48,9 @@ class TrainSteps:
       # Each replica's share of the global-batch mean; the optimizer sums the replicas.
       loss = tf.reduce_sum(per_example) / config.global_batch_size
       if config.weight_decay:
-        l2 = tf.add_n([tf.reduce_sum(tf.square(v)) for v in self.decayed])
-        loss += 0.5 * config.weight_decay * l2 / self.strategy.num_replicas_in_sync
+        with tf.name_scope("weight_decay"):  # Scopes name the step's parts in a profile.
+          l2 = tf.add_n([tf.reduce_sum(tf.square(v)) for v in self.decayed])
+          loss += 0.5 * config.weight_decay * l2 / self.strategy.num_replicas_in_sync
       scaled_loss = self.state.optimizer.scale_loss(loss)
     return tape.gradient(scaled_loss, model.trainable_variables), per_example, logits
 
@@ -57,15 +58,17 @@ class TrainSteps:
     optimizer, model = self.state.optimizer, self.state.model
     grads, per_example, logits = self._gradients(images, labels)
     # Norms of this replica's gradients per stage: the vanishing-gradient picture.
-    unscale = tf.cast(optimizer.scale_loss(1.0), tf.float32)
-    for name, indices in self.stage_groups.items():
-      self.grad_norms[name].assign(
-          tf.linalg.global_norm([tf.cast(grads[i], tf.float32) for i in indices]) / unscale)
+    with tf.name_scope("gradient_norms"):
+      unscale = tf.cast(optimizer.scale_loss(1.0), tf.float32)
+      for name, indices in self.stage_groups.items():
+        self.grad_norms[name].assign(
+            tf.linalg.global_norm([tf.cast(grads[i], tf.float32) for i in indices]) / unscale)
     optimizer.apply_gradients(zip(grads, model.trainable_variables))
-    self.sums.add(per_example, logits, labels)
-    bad = tf.logical_and(tf.equal(self.first_bad_step, 0),
-                         tf.logical_not(tf.reduce_all(tf.math.is_finite(per_example))))
-    self.first_bad_step.assign(tf.where(bad, step, self.first_bad_step))
+    with tf.name_scope("metrics"):
+      self.sums.add(per_example, logits, labels)
+      bad = tf.logical_and(tf.equal(self.first_bad_step, 0),
+                           tf.logical_not(tf.reduce_all(tf.math.is_finite(per_example))))
+      self.first_bad_step.assign(tf.where(bad, step, self.first_bad_step))
 
   def _train_loop(self, iterator, first_step, num_steps):
     decay = self.config.ema_decay
