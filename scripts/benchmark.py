@@ -61,6 +61,8 @@ flags.DEFINE_string("torch_python", None, "With --compare: the python of a venv 
                     "ResNet in a subprocess.")
 flags.DEFINE_boolean("bn_twin", True, "With --compare: also time our model's bare training "
                      "step with fused and with Keras batch norm.")
+flags.DEFINE_list("compare_precisions", [], "With --compare: also time the trainer's step "
+                  "at each of these precisions (e.g. mixed_bfloat16), in the same rounds.")
 FLAGS = flags.FLAGS
 TORCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "results", "checks", "torch_resnet_benchmark.py")
@@ -336,14 +338,14 @@ class TrainerSteps:
   gradient norms, NaN guard, metric sums, SGD) on the state trainer.state builds, fed one
   in-memory uint8 batch; calls of the trainer's steps per execution (1 on CPU)."""
 
-  def __init__(self):
+  def __init__(self, precision: str | None = None):
     import numpy as np
     import tensorflow as tf
     from trainer import config as config_lib, distribute, schedule, state, steps, train
     config = config_lib.Config(
         depth=FLAGS.depth, plain=FLAGS.plain, stem=FLAGS.stem, data_source="synthetic",
         epochs=1, steps_per_epoch=10**6, global_batch_size=FLAGS.global_batch_size,
-        precision=FLAGS.precision, jit_compile=FLAGS.jit_compile, strategy=FLAGS.strategy,
+        precision=precision or FLAGS.precision, jit_compile=FLAGS.jit_compile, strategy=FLAGS.strategy,
         cpu_devices=FLAGS.cpu_devices, steps_per_execution=FLAGS.steps_per_execution)
     strategy = distribute.make_strategy(config.strategy)
     hardware = train.resolve_hardware(config, strategy)
@@ -355,6 +357,7 @@ class TrainerSteps:
     self.per_call = hardware.steps_per_execution
     self.parameters = trainable_parameters(self.state.model)
     self.precision, self.jit_compile = hardware.precision, hardware.jit_compile
+    self.compute_dtype = self.state.model.get_layer("stem_conv").compute_dtype
     rng = np.random.default_rng(0)
     per_replica = plan.per_replica_batch_size
     batch = (rng.integers(0, 256, (per_replica, 32, 32, 3), dtype=np.uint8),
@@ -437,10 +440,20 @@ CONTENDERS = {
 }
 
 
+def _label(name: str) -> str:
+  if name.startswith("trainer_"):
+    return f"trainer step, {name[len('trainer_'):]}"
+  return CONTENDERS[name]
+
+
 def _build_contenders() -> dict:
   """Every contender the flags ask for, built (and its dtype policy set) in turn."""
   import keras
-  contenders = {"trainer": TrainerSteps()}  # Sets the global policy (build_state).
+  contenders = {}
+  # Each sets the global policy (build_state); a model keeps the policy it was built with.
+  for precision in FLAGS.compare_precisions:
+    contenders[f"trainer_{precision}"] = TrainerSteps(precision)
+  contenders = {"trainer": TrainerSteps(), **contenders}
   if FLAGS.bn_twin:
     contenders["ours_fused_bn"] = BareSteps(_our_model(fused_batch_norm=True))
     contenders["ours_keras_bn"] = BareSteps(_our_model(fused_batch_norm=False))
@@ -489,13 +502,16 @@ def run_comparison() -> dict:
       "windows": FLAGS.windows, "contenders": {
           name: {"images_per_second": statistics.median(rates[name]),
                  "window_images_per_second": rates[name],
-                 "parameters": contenders[name].parameters}
+                 "parameters": contenders[name].parameters,
+                 # The trainer contenders' policy, as their model computes.
+                 "compute_dtype": getattr(contenders[name], "compute_dtype", None)}
           for name in contenders}}
   if "pytorch" in contenders:
     report["torch"] = contenders["pytorch"].version
     report["torch_threads"] = contenders["pytorch"].threads
   pairs = [("trainer", "pytorch"), ("minimal_keras", "pytorch"),
-           ("trainer", "minimal_keras"), ("ours_fused_bn", "ours_keras_bn")]
+           ("trainer", "minimal_keras"), ("ours_fused_bn", "ours_keras_bn")] + [
+               (f"trainer_{precision}", "trainer") for precision in FLAGS.compare_precisions]
   for a, b in pairs:
     if a in rates and b in rates:
       # Median of the ratios within each round: robust to the machine's drift.
@@ -511,7 +527,7 @@ def print_comparison(report: dict) -> None:
   print(f"{'contender':<42}{'parameters':>12}{'img/s':>9}  windows (img/s)")
   for name, figures in report["contenders"].items():
     windows = ", ".join(f"{r:.1f}" for r in figures["window_images_per_second"])
-    print(f"{CONTENDERS[name]:<42}{figures['parameters']:>12,}"
+    print(f"{_label(name):<42}{figures['parameters']:>12,}"
           f"{figures['images_per_second']:>9.1f}  {windows}")
   for key, value in report.items():
     if "_vs_" in key:
@@ -520,6 +536,12 @@ def print_comparison(report: dict) -> None:
 
 
 def _check_comparison_flags() -> None:
+  if FLAGS.compare_precisions and not FLAGS.compare:
+    raise app.UsageError("--compare_precisions needs --compare")
+  for precision in FLAGS.compare_precisions:
+    if precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
+      raise app.UsageError(f"--compare_precisions: {precision!r} is not float32, "
+                           "mixed_float16 or mixed_bfloat16")
   if not FLAGS.torch_python:
     return
   if not FLAGS.compare:

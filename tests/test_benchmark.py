@@ -1,0 +1,38 @@
+"""scripts/benchmark.py --compare: every contender asked for is timed in the same rounds
+and reported, with paired ratios; bad flags are refused. (Its figures are not checked
+here: speed is measured by running the script, see BENCHMARKS.md.)"""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def _benchmark(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "scripts/benchmark.py", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_compare_times_the_trainer_at_each_precision_asked_for():
+  result = _benchmark("--compare", "--depth=8", "--global_batch_size=8", "--window_steps=1",
+                      "--windows=2", "--warmup_windows=0", "--threads=1",
+                      "--compare_precisions=mixed_float16")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  contenders = report["contenders"]
+  assert set(contenders) == {"trainer", "trainer_mixed_float16", "ours_fused_bn",
+                             "ours_keras_bn", "minimal_keras"}
+  assert all(len(c["window_images_per_second"]) == 2 for c in contenders.values())
+  assert report["precision"] == "float32"
+  assert contenders["trainer"]["compute_dtype"] == "float32"
+  assert contenders["trainer_mixed_float16"]["compute_dtype"] == "float16"
+  assert report["trainer_mixed_float16_vs_trainer"] > 0
+  assert "trainer step, mixed_float16" in result.stdout
+
+
+def test_compare_refuses_an_unknown_precision():
+  result = _benchmark("--compare", "--compare_precisions=float8")
+  assert result.returncode != 0
+  assert "'float8' is not float32, mixed_float16 or mixed_bfloat16" in result.stderr
+  assert "Traceback" not in result.stderr
