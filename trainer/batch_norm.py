@@ -32,9 +32,7 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     if not self._fusable(inputs, mask):
       return super().call(inputs, training=training, mask=mask)
     x = ops.cast(inputs, self.compute_dtype)
-    # float32 never probes: the probe runs float16 kernels, for which oneDNN logs an error
-    # line on CPUs without AVX512-FP16.
-    if x.dtype.name != "float32" and x.dtype.name not in _kernel_dtypes():
+    if not _kernel_runs(x.dtype.name):
       x = ops.cast(x, "float32")
     channels = x.shape[-1]
     scale = (ops.cast(self.gamma, "float32") if self.scale
@@ -79,34 +77,44 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     return out.y
 
 
-@functools.cache
-def _kernel_dtypes() -> frozenset[str]:
-  """The input dtypes whose fused forward and gradient kernels run on every device here.
+def _kernel_runs(dtype: str) -> bool:
+  """Whether the fused kernels take `dtype` inputs on every device here.
 
   Every TensorFlow build registers float32; half types depend on the build and device,
   and a registered kernel may still refuse to run: oneDNN's bfloat16 batch norm needs
   AVX-512, so on an AVX2-only CPU (or under ONEDNN_MAX_CPU_ISA=AVX2) it raises
-  "could not create a primitive descriptor". Each half type is therefore run once.
+  "could not create a primitive descriptor". So a half type is run once, when first
+  used; only that one, since oneDNN logs an error line for float16 on CPUs without
+  AVX512-FP16 whenever a float16 kernel runs.
   """
-  device_types = {device.device_type for device in tf.config.list_physical_devices()}
+  return dtype == "float32" or (dtype in _registered_dtypes() and _runs(dtype))
+
+
+@functools.cache
+def _registered_dtypes() -> frozenset[str]:
+  """The input dtypes with fused forward and gradient kernels registered for every
+  device type here."""
   supported = None
   for op in ("FusedBatchNormV3", "FusedBatchNormGradV3"):
-    for device_type in device_types:
+    for device_type in _device_types():
       dtypes = set()
       for kernel in kernels.get_registered_kernels_for_op(op).kernel:
         if kernel.device_type == device_type:
           dtypes |= _constraint_dtypes(kernel)
       supported = dtypes if supported is None else supported & dtypes
-  supported = {dtype for dtype in supported or () if dtype in _FUSED_DTYPES}
-  return frozenset({"float32"} | {dtype for dtype in supported - {"float32"}
-                                  if _runs(dtype, device_types)})
+  return frozenset(supported or ())
 
 
-def _runs(dtype: str, device_types: set[str]) -> bool:
+def _device_types() -> set[str]:
+  return {device.device_type for device in tf.config.list_physical_devices()}
+
+
+@functools.cache
+def _runs(dtype: str) -> bool:
   """Whether a tiny fused batch norm and its gradient run in `dtype` on each device type."""
   with tf.init_scope():  # Eager, also when first asked while a tf.function traces.
     try:
-      for device_type in device_types:
+      for device_type in _device_types():
         with tf.device(f"/{device_type}:0"):
           x = tf.ones([2, 1, 1, 2], dtype)
           ones, empty = tf.ones([2]), tf.constant([], tf.float32)
