@@ -607,8 +607,10 @@ def resolve_precision(precision: str, strategy: tf.distribute.Strategy) -> str:
     strategy: where the model runs.
   Returns:
     mixed_bfloat16 on TPUs and on GPUs of compute capability 8.0+, mixed_float16 on 7.x,
-    float32 on older GPUs and on CPUs (where mixed_bfloat16 measured 0.55x float32 for
-    ResNet-50 at batch 128 on a 2-core AVX-512 BF16 Xeon, TF 2.21).
+    float32 on older GPUs and on CPUs: on CPUs with AVX512_BF16, mixed_bfloat16 measured
+    1.57x float32 for ResNet-20 on an AMD EPYC but 0.55x for ResNet-50 (imagenet stem)
+    on an Intel Xeon (BENCHMARKS.md, "mixed_bfloat16 on this CPU"), so it is the
+    user's choice there.
   """
   if precision != "auto":
     return precision
