@@ -49,12 +49,15 @@ class RunLogFile(std_logging.Handler):
     self.config_path = os.path.join(model_dir, run_files.CONFIG_FILE)
     self.created = time.time()
     self.pending: list[str] = []
+    self.accepted = False
 
   def _accepted(self) -> bool:
-    try:
-      return os.path.getmtime(self.config_path) >= self.created - 1.0
-    except OSError:
-      return False
+    if not self.accepted:  # Once accepted, no more stat per record.
+      try:
+        self.accepted = os.path.getmtime(self.config_path) >= self.created - 1.0
+      except OSError:
+        pass
+    return self.accepted
 
   def emit(self, record: std_logging.LogRecord) -> None:
     self.pending.append(_FULL_FORMAT.format(record))

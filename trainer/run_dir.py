@@ -216,11 +216,14 @@ def check_free_space(model_dir: str, checkpoint_bytes: int, keep: int) -> None:
 
 
 def _variable_settings(settings: dict, precision: str | None) -> dict[str, tuple[str, bool]]:
-  """The settings that add or remove checkpoint variables: {flag: (value, adds them)}."""
+  """The settings that add or remove checkpoint variables: {flag: (the value as the user
+  would name it, whether it adds them)}."""
   ema = float(settings.get("ema_decay") or 0.0)
-  return {"ema_decay": (f"{ema} (%s moving-average variables)", bool(ema)),
-          "precision": (f"{precision} (%s loss-scale variables)",
-                        precision == "mixed_float16")}
+  loss_scale = precision == "mixed_float16"
+  return {"ema_decay": (f"{ema} ({'with' if ema else 'no'} moving-average variables)",
+                        bool(ema)),
+          "precision": (f"{precision} ({'with' if loss_scale else 'no'} loss-scale "
+                        "variables)", loss_scale)}
 
 
 def check_compatible(model_dir: str, config: Config, precision: str) -> None:
@@ -248,8 +251,7 @@ def check_compatible(model_dir: str, config: Config, precision: str) -> None:
     for name, (text, adds) in _variable_settings(ours, precision).items():
       their_text, their_adds = theirs[name]
       if adds != their_adds:
-        differing.append(f"--{name}: {their_text % ('with' if their_adds else 'no')} in "
-                         f"{path}, {text % ('with' if adds else 'no')} now")
+        differing.append(f"--{name}: {their_text} in {path}, {text} now")
   if differing:
     raise RunDirError(
         f"--model_dir={model_dir} holds a run with different settings:\n  "

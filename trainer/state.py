@@ -104,9 +104,7 @@ def build_state(config: Config, strategy: tf.distribute.Strategy, num_classes: i
     ema = ([tf.Variable(v, trainable=False) for v in averaged_variables(model)]
            if config.ema_decay else [])
     checkpoint = tf.train.Checkpoint(
-        model=variables_by_path(model.variables),
-        optimizer=variables_by_path(optimizer.variables),
-        ema={v.path: e for v, e in zip(averaged_variables(model), ema)},
+        **_weights(model, ema), optimizer=variables_by_path(optimizer.variables),
         step=counters[0], timed_images=counters[1], timed_seconds=counters[2],
         wall_seconds=counters[3])
   return State(model, optimizer, checkpoint, *counters, ema=ema)
@@ -118,10 +116,14 @@ def inference_checkpoint(state: State) -> tf.train.Checkpoint:
   Without the optimizer, whose variables depend on the precision (mixed_float16 adds a
   loss scale), a run evaluates under any --precision.
   """
-  return tf.train.Checkpoint(
-      model=variables_by_path(state.model.variables),
-      ema={v.path: e for v, e in zip(averaged_variables(state.model), state.ema)},
-      step=state.step)
+  return tf.train.Checkpoint(**_weights(state.model, state.ema), step=state.step)
+
+
+def _weights(model: keras.Model, ema: list) -> dict:
+  """The model's variables and their moving average, under the checkpoint keys both the
+  training and the inference checkpoint use."""
+  return {"model": variables_by_path(model.variables),
+          "ema": {v.path: e for v, e in zip(averaged_variables(model), ema)}}
 
 
 @contextlib.contextmanager

@@ -439,8 +439,9 @@ class Loop:
     last = self.history[-1] if self.history else None
     if self.splits.evaluation_name == run_files.TEST_EVENTS and last and last["step"] == self.step:
       final = {k[len("test_"):]: v for k, v in last.items() if k.startswith("test_")}
-      if self.evaluator.confusion is None:  # A rerun of a finished run: only its matrix
-        self.sync_replicas()                 # is missing.
+      # A rerun of a finished run has not evaluated yet: only its matrix is missing.
+      if self.evaluator.confusion is None:
+        self.sync_replicas()
         self.evaluator.evaluate()
       confusion = self.evaluator.confusion
     else:
