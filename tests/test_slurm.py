@@ -155,7 +155,7 @@ def test_auto_in_a_two_task_step_resolves_to_multi_worker_and_says_why(
     monkeypatch, caplog):
   slurm_step(monkeypatch, 1)
   joined = []
-  monkeypatch.setattr(distribute, "_multi_worker",
+  monkeypatch.setattr(distribute.strategy, "_multi_worker",
                       lambda cluster, *args: joined.append(cluster) or "strategy")
   caplog.set_level(logging.INFO, logger="absl")
   assert distribute.make_strategy("auto", peer_timeout_seconds=60) == "strategy"
@@ -167,7 +167,7 @@ def test_auto_with_tf_config_resolves_to_multi_worker_and_says_why(monkeypatch, 
   slurm_step(monkeypatch, 0)
   monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:1"]},
                                               "task": {"type": "worker", "index": 1}}))
-  monkeypatch.setattr(distribute, "_multi_worker", lambda cluster, *args: cluster)
+  monkeypatch.setattr(distribute.strategy, "_multi_worker", lambda cluster, *args: cluster)
   caplog.set_level(logging.INFO, logger="absl")
   assert distribute.make_strategy("auto").source == "TF_CONFIG"
   assert "--strategy=auto resolved to multi_worker (TF_CONFIG)" in caplog.text
@@ -231,7 +231,7 @@ def test_a_taken_port_says_how_to_move_the_slurm_tasks(monkeypatch):
     slurm_step(monkeypatch, 0, **{distribute.PORT_BASE_VARIABLE:
                                   str(taken.getsockname()[1])})
     # Were the check to miss, fail here rather than join (and wait for) a cluster.
-    monkeypatch.setattr(distribute.tf.distribute, "MultiWorkerMirroredStrategy",
+    monkeypatch.setattr(distribute.multi_worker.tf.distribute, "MultiWorkerMirroredStrategy",
                         lambda **kwargs: pytest.fail("the taken port went unnoticed"))
     with pytest.raises(distribute.DistributionError,
                        match=r"address localhost:\d+ \(from Slurm\) cannot be used: port \d+ "

@@ -64,7 +64,7 @@ class Config:
   sync_batch_norm: bool = False
   precision: str = "auto"
   jit_compile: str = "auto"
-  steps_per_execution: int | None = None  # None: auto (distribute.py)
+  steps_per_execution: int | None = None  # None: auto (distribute/precision.py)
   # Output.
   model_dir: str = "runs/resnet"
   overwrite: bool = False
