@@ -75,9 +75,9 @@ def _conv(x, filters: int, kernel: int, strides: int, name: str):
 def _bn(x, opts: _LayerOptions, name: str, zero_gamma: bool = False):
   # The fused kernel where it can run: Keras's own layer computes moments and
   # normalisation as separate ops, about a quarter of a narrow CIFAR ResNet's step on
-  # CPU. Same variables either way. Synchronized statistics need Keras's layer, and
-  # exports stock layers only (the same inference maths).
-  stock = opts.sync_batch_norm or opts.portable or not opts.fused_batch_norm
+  # CPU. Same variables either way. Synchronized statistics are ours too (two passes,
+  # batch_norm.py); exports take stock layers only (the same inference maths).
+  stock = opts.portable or not opts.fused_batch_norm
   layer = layers.BatchNormalization if stock else batch_norm.FusedBatchNormalization
   return layer(momentum=opts.bn_momentum, epsilon=1e-5, synchronized=opts.sync_batch_norm,
                gamma_initializer="zeros" if zero_gamma else "ones", name=name)(x)
