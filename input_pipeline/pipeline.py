@@ -5,7 +5,6 @@ layer, so the host moves uint8 bytes and the accelerator does the float work.
 """
 
 import functools
-import secrets
 
 import tensorflow as tf
 
@@ -145,104 +144,123 @@ def _shard_size(num_examples: int, pipeline_id: int, pipelines: int) -> int:
   return len(range(pipeline_id, num_examples, pipelines))
 
 
-def _in_memory(dataset: tf.data.Dataset, input_context, num_examples: int
-               ) -> tf.data.Dataset:
-  """One element: this pipeline's whole shard as (uint8 [n, H, W, C], int32 [n])."""
-  pipeline_id, pipelines, _ = _pipeline_position(input_context)
-  shard_size = _shard_size(num_examples, pipeline_id, pipelines)
-  whole = _shard(dataset, input_context).batch(shard_size, drop_remainder=True).take(1)
-  return whole.map(lambda images, labels: (images, tf.cast(labels, tf.int32)))
-
-
 def train_pipeline(dataset: tf.data.Dataset, *, per_replica_batch_size: int, seed: int,
                    start_step: int = 0, deterministic: bool = False,
                    input_context: tf.distribute.InputContext | None = None
                    ) -> tf.data.Dataset:
-  """Endless, shuffled, augmented training batches, made from the shard held in memory.
+  """Endless, shuffled, augmented training batches: this pipeline's part of every global
+  batch, made from all examples held in memory.
 
-  Each epoch is a fresh permutation of this pipeline's shard (examples i with
-  i % num_input_pipelines == input_pipeline_id); the last incomplete batch of an epoch
-  is dropped, so every pipeline yields (num_examples // num_input_pipelines) //
-  per_replica_batch_size batches per epoch. Only indices are shuffled: images are
-  gathered from one in-memory table and augmented CHUNK_IMAGES at a time.
+  Every pipeline computes the same epochs: epoch e is a permutation of all examples keyed
+  by (seed, e), global step k trains on its examples [k * G, (k + 1) * G) (G, the global
+  batch, is per_replica_batch_size x all replicas; the last incomplete global batch of an
+  epoch is dropped), and this pipeline yields its slice of each, one per-replica batch per
+  replica it feeds. An example's crop and flip are keyed by (seed, epoch, example). So
+  the global batches, augmentation included, are the same whatever the number of
+  replicas, pipelines and workers. Only indices are shuffled: images are gathered from
+  one in-memory table and augmented CHUNK_IMAGES at a time.
 
   Args:
     dataset: (uint8 image, int label) examples, of known size (e.g. Split.as_dataset()).
     per_replica_batch_size: examples in each batch this pipeline yields.
-    seed: seeds the shuffle order and the augmentation when `deterministic`.
+    seed: seeds the order and the augmentation; it must be the same in every pipeline of
+      a run (the caller draws one for a run that is not deterministic).
     start_step: global steps already trained. When `deterministic`, the pipeline starts
       where an unstopped run would be: it skips start_step x (replicas this pipeline
       feeds) batches, without computing them. Ignored otherwise.
-    deterministic: same order and augmentation on every run and after a resume, for a
-      given seed, per_replica_batch_size and input context. Otherwise the seed is drawn
-      at random and tf.data may reorder batches.
-    input_context: this pipeline's place among all pipelines; each gets a disjoint shard.
+    deterministic: batches in their order (tf.data may otherwise reorder chunks) and the
+      resume skip above: for a given seed and global batch, the same batches on every
+      run and after a resume.
+    input_context: this pipeline's place among all pipelines.
   Returns:
     a dataset of (uint8 [B, H, W, C], int32 [B]) batches, B = per_replica_batch_size.
   Raises:
-    ValueError: when the shard has fewer examples than one batch, or its size is unknown.
+    ValueError: when the data has fewer examples than one global batch, or its size is
+      unknown.
   """
   pipeline_id, pipelines, replicas_fed = _pipeline_position(input_context)
   num_examples = _num_examples(dataset)
   batch_size = per_replica_batch_size
-  # The same count for every pipeline, so that they stay in step.
-  batches_per_epoch = (num_examples // pipelines) // batch_size
-  if batches_per_epoch < 1:
-    raise ValueError(f"per_replica_batch_size={batch_size} is larger than the "
-                     f"{num_examples // pipelines} examples of each of the {pipelines} "
-                     "input pipeline(s)")
+  global_batch_size = batch_size * replicas_fed * pipelines
+  steps_per_epoch = num_examples // global_batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f"per_replica_batch_size={batch_size} over {replicas_fed * pipelines} "
+                     f"replica(s) makes a global batch of {global_batch_size}, larger than "
+                     f"the {num_examples} examples")
   batches_per_chunk = max(1, CHUNK_IMAGES // batch_size)
   first_batch = start_step * replicas_fed if deterministic else 0
   first_chunk, skip_batches = divmod(first_batch, batches_per_chunk)
-  if not deterministic:
-    seed = secrets.randbits(31)
-  key = tf.constant([seed, pipeline_id], tf.int64)
-  chunk_indices = _chunk_indices(
-      tf.random.experimental.stateless_fold_in(key, 0),
-      _shard_size(num_examples, pipeline_id, pipelines), batch_size, batches_per_epoch,
-      batches_per_chunk, first_chunk * batches_per_chunk)
+  plan = _EpochPlan(tf.constant([seed, 0], tf.int64), num_examples, steps_per_epoch,
+                    (pipeline_id, pipelines, replicas_fed), batch_size)
+  chunk_plans = plan.chunks(batches_per_chunk, first_chunk * batches_per_chunk)
   # The table is made once per iterator, then handed (by reference) to every chunk.
-  tables = _in_memory(dataset, input_context, num_examples).flat_map(
+  tables = _in_memory(dataset, num_examples).flat_map(
       lambda images, labels: tf.data.Dataset.from_tensors(
           (crop_table(images), labels)).repeat())
   make_chunk = functools.partial(
-      _make_chunk, augment_key=tf.random.experimental.stateless_fold_in(key, 1),
-      image_shape=tuple(dataset.element_spec[0].shape), batch_size=batch_size,
+      _make_chunk, image_shape=tuple(dataset.element_spec[0].shape), batch_size=batch_size,
       batches_per_chunk=batches_per_chunk)
-  dataset = tf.data.Dataset.zip(tables, tf.data.Dataset.counter(first_chunk), chunk_indices)
+  dataset = tf.data.Dataset.zip(tables, chunk_plans)
   dataset = dataset.map(make_chunk, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
   if skip_batches:
     dataset = dataset.skip(skip_batches)
   return dataset.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic))
 
 
-def _chunk_indices(shuffle_key: tf.Tensor, shard_size: int, batch_size: int,
-                   batches_per_epoch: int, batches_per_chunk: int, first_batch: int
-                   ) -> tf.data.Dataset:
-  """Example indices, [batches_per_chunk, batch_size] per element: a fresh permutation of
-  the shard every epoch (keyed by the epoch), starting at batch `first_batch`."""
-  first_epoch, skip_in_epoch = divmod(first_batch, batches_per_epoch)
+def _in_memory(dataset: tf.data.Dataset, num_examples: int) -> tf.data.Dataset:
+  """One element: all examples as (uint8 [n, H, W, C], int32 [n])."""
+  whole = dataset.batch(num_examples, drop_remainder=True).take(1)
+  return whole.map(lambda images, labels: (images, tf.cast(labels, tf.int32)))
 
-  def epoch_indices(epoch):
+
+class _EpochPlan:
+  """Which examples this pipeline trains on in each epoch, and how each is augmented."""
+
+  def __init__(self, key: tf.Tensor, num_examples: int, steps_per_epoch: int,
+               position: tuple[int, int, int], batch_size: int):
+    self.shuffle_key = tf.random.experimental.stateless_fold_in(key, 0)
+    self.augment_key = tf.random.experimental.stateless_fold_in(key, 1)
+    self.num_examples, self.steps_per_epoch = num_examples, steps_per_epoch
+    self.pipeline_id, self.pipelines, replicas_fed = position
+    self.share = replicas_fed * batch_size  # this pipeline's examples of a global batch
+    self.batches_per_epoch, self.batch_size = steps_per_epoch * replicas_fed, batch_size
+
+  def chunks(self, batches_per_chunk: int, first_batch: int) -> tf.data.Dataset:
+    """(indices, top, left, flip), each [batches_per_chunk, batch_size] per element,
+    starting at this pipeline's batch `first_batch`."""
+    first_epoch, skip = divmod(first_batch, self.batches_per_epoch)
+    epochs = tf.data.Dataset.counter(first_epoch)
+    return (epochs.flat_map(lambda epoch: self._epoch(epoch, first_epoch, skip))
+            .batch(batches_per_chunk, drop_remainder=True))
+
+  def _epoch(self, epoch: tf.Tensor, first_epoch: int, skip: int) -> tf.data.Dataset:
     order = tf.random.experimental.stateless_shuffle(
-        tf.range(shard_size, dtype=tf.int32),
-        tf.random.experimental.stateless_fold_in(shuffle_key, epoch))
-    batches = tf.reshape(order[:batches_per_epoch * batch_size],
-                         [batches_per_epoch, batch_size])
-    skip = tf.where(epoch == first_epoch, skip_in_epoch, 0)
-    return tf.data.Dataset.from_tensor_slices(batches).skip(tf.cast(skip, tf.int64))
+        tf.range(self.num_examples, dtype=tf.int32),
+        tf.random.experimental.stateless_fold_in(self.shuffle_key, epoch))
+    # [step, pipeline, a pipeline's share of the global batch]: this pipeline's slices.
+    steps = tf.reshape(order[:self.steps_per_epoch * self.pipelines * self.share],
+                       [self.steps_per_epoch, self.pipelines, self.share])
+    indices = tf.reshape(steps[:, self.pipeline_id], [self.batches_per_epoch, self.batch_size])
+    seeds = tf.random.experimental.stateless_split(
+        tf.random.experimental.stateless_fold_in(self.augment_key, epoch), 3)
+    # Drawn for every example and looked up by example: keyed to it, not to its batch.
+    # Philox named explicitly: the same numbers on every device and with or without XLA.
+    top, left, flip = (
+        tf.gather(tf.random.stateless_uniform([self.num_examples], seeds[i], 0, maxval,
+                                              tf.int32, alg="philox"), indices)
+        for i, maxval in enumerate((2 * PAD + 1, 2 * PAD + 1, 2)))
+    skip = tf.where(epoch == first_epoch, skip, 0)
+    return (tf.data.Dataset.from_tensor_slices((indices, top, left, flip))
+            .skip(tf.cast(skip, tf.int64)))
 
-  return (tf.data.Dataset.counter(first_epoch).flat_map(epoch_indices)
-          .batch(batches_per_chunk, drop_remainder=True))
 
-
-def _make_chunk(table_and_labels, chunk, indices, *, augment_key: tf.Tensor,
-                image_shape: tuple[int, ...], batch_size: int, batches_per_chunk: int):
+def _make_chunk(table_and_labels, chunk_plan, *, image_shape: tuple[int, ...],
+                batch_size: int, batches_per_chunk: int):
   """Augments one chunk of images gathered from the table, split into batches."""
   table, labels = table_and_labels
-  indices = tf.reshape(indices, [-1])
-  images = augment_from_table(table, indices, tf.random.experimental.stateless_fold_in(
-      augment_key, chunk), image_shape)
+  indices, top, left, flip = (tf.reshape(t, [-1]) for t in chunk_plan)
+  images = _crop_from_table(table, indices, top[:, tf.newaxis], left[:, tf.newaxis],
+                            flip[:, tf.newaxis] > 0, *image_shape)
   return (tf.reshape(images, [batches_per_chunk, batch_size, *image_shape]),
           tf.reshape(tf.gather(labels, indices), [batches_per_chunk, batch_size]))
 
