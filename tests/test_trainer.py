@@ -43,11 +43,16 @@ def test_entrypoint_trains_writes_outputs_and_resumes(tmp_path, image_folder):
     assert key in metrics
   train_tags = event_tags(model_dir / "train")
   for tag in ("loss", "accuracy", "learning_rate", "images_per_second", "step_time_ms",
-              "epoch_loss", "epoch_accuracy", "config",
+              "epoch_loss", "epoch_accuracy", "objective", "epoch_objective", "config",
               "gradient_norm/stem", "gradient_norm/stage1", "gradient_norm/stage3",
               "gradient_norm/head"):
     assert tag in train_tags, tag
-  assert {"epoch_loss", "epoch_accuracy"} <= event_tags(model_dir / "test")
+  test_tags = event_tags(model_dir / "test")
+  assert {"epoch_loss", "epoch_accuracy"} <= test_tags and "epoch_objective" not in test_tags
+  # Training loss is the plain cross-entropy, as evaluated; the objective adds the recipe's
+  # label smoothing (0.1) and L2 term (fast: 1e-3), so it is the larger.
+  [epoch] = json.loads((model_dir / "history.json").read_text())
+  assert epoch["train_objective"] > epoch["train_loss"] > 0
   assert "_hparams_/session_start_info" in event_tags(model_dir)
   assert list((model_dir / "train" / "plugins" / "profile").rglob("*.xplane.pb"))
 

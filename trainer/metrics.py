@@ -17,35 +17,48 @@ def on_read_variable(dtype=tf.float32, aggregation=tf.VariableAggregation.SUM,
 
 
 class Sums:
-  """Loss, correct predictions and example counts, accumulated on the device."""
+  """Loss, correct predictions and example counts, accumulated on the device; and, for
+  training (`objective=True`), the optimised objective besides the plain loss."""
 
-  def __init__(self):
+  def __init__(self, objective: bool = False):
     self.loss, self.correct, self.count = (on_read_variable(), on_read_variable(),
                                            on_read_variable())
+    self.objective = on_read_variable() if objective else None
 
   def add(self, per_example_loss: tf.Tensor, logits: tf.Tensor, labels: tf.Tensor,
-          weights: tf.Tensor | None = None) -> None:
-    """Adds one replica's batch (in a replica context); weights 0 mark padding."""
+          weights: tf.Tensor | None = None, objective: tf.Tensor | None = None) -> None:
+    """Adds one replica's batch (in a replica context); weights 0 mark padding.
+
+    per_example_loss is the cross-entropy without label smoothing (what evaluation
+    reports); objective, per example, what the step minimises (with smoothing and L2).
+    """
     if weights is None:
       weights = tf.ones_like(per_example_loss)
     hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
     self.loss.assign_add(tf.reduce_sum(per_example_loss * weights))
     self.correct.assign_add(tf.reduce_sum(hits * weights))
     self.count.assign_add(tf.reduce_sum(weights))
+    if self.objective is not None:
+      self.objective.assign_add(tf.reduce_sum(tf.cast(objective, tf.float32) * weights))
 
   def result(self) -> dict[str, float]:
-    """The means over all replicas since the last reset: {"loss": ..., "accuracy": ...}."""
+    """The means over all replicas since the last reset: {"loss": ..., "accuracy": ...}
+    and, for training, "objective"."""
     count = max(self.examples(), 1.0)
-    return {"loss": float(self.loss.numpy()) / count,
-            "accuracy": float(self.correct.numpy()) / count}
+    result = {"loss": float(self.loss.numpy()) / count,
+              "accuracy": float(self.correct.numpy()) / count}
+    if self.objective is not None:
+      result["objective"] = float(self.objective.numpy()) / count
+    return result
 
   def examples(self) -> float:
     """Examples added since the last reset (weighted)."""
     return float(self.count.numpy())
 
   def reset(self) -> None:
-    for v in (self.loss, self.correct, self.count):
-      v.assign(tf.zeros_like(v))
+    for v in (self.loss, self.correct, self.count, self.objective):
+      if v is not None:
+        v.assign(tf.zeros_like(v))
 
 
 class Confusion:

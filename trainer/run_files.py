@@ -28,6 +28,9 @@ EVAL_EVENTS = (TEST_EVENTS, VALIDATION_EVENTS)
 # Per-epoch tags that train and evaluation writers share (what the study scripts read).
 EPOCH_LOSS_TAG = "epoch_loss"
 EPOCH_ACCURACY_TAG = "epoch_accuracy"
+# Training only: what the step minimises (cross-entropy with label smoothing, plus L2);
+# epoch_loss is the plain cross-entropy on both writers, so the two curves overlay.
+EPOCH_OBJECTIVE_TAG = "epoch_objective"
 
 
 def eval_split_name(validation_split: int) -> str:

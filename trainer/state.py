@@ -53,6 +53,16 @@ def averaged_variables(model: keras.Model) -> list:
   return [v for v in model.variables if "float" in str(v.dtype)]
 
 
+def per_replica_variables(state: "State") -> list:
+  """The variables whose copies differ between replicas until averaged: batch-norm
+  statistics (each replica updates its own on its own batch) and their moving averages.
+  Everything else is updated from summed gradients, the same on every replica."""
+  trainable = {id(v) for v in state.model.trainable_variables}
+  averages = [average for variable, average in zip(averaged_variables(state.model), state.ema)
+              if id(variable) not in trainable]
+  return list(state.model.non_trainable_variables) + averages
+
+
 def decayed_variables(model: keras.Model) -> list:
   """The variables weight decay applies to: convolution and dense kernels only."""
   return [v for v in model.trainable_variables if v.path.endswith("/kernel")]
@@ -68,9 +78,23 @@ def build_model(config: Config, num_classes: int, *, portable: bool = False) -> 
       sync_batch_norm=config.sync_batch_norm, portable=portable)
 
 
+class SGD(keras.optimizers.SGD):
+  """Keras's SGD, given gradients already summed over the replicas (steps.py sums them).
+
+  Keras's TensorFlow optimizer sums the replicas' gradients itself, inside `apply`: after
+  clipping, and after LossScaleOptimizer has checked them for overflow, both on each
+  replica's own share, so 2 replicas clipped what one device would not and a replica's
+  overflow went unseen by the others. Summing first and not again keeps one all-reduce
+  per step and makes every decision on the global gradient.
+  """
+
+  def _all_reduce_sum_gradients(self, grads_and_vars):
+    return list(grads_and_vars)
+
+
 def _make_optimizer(config: Config, plan: schedule.Plan,
                     precision: str) -> keras.optimizers.Optimizer:
-  optimizer = keras.optimizers.SGD(
+  optimizer = SGD(
       schedule.make_learning_rate(config, plan), momentum=config.momentum,
       nesterov=config.nesterov and config.momentum > 0, clipnorm=config.clipnorm,
       name="sgd")  # Fixed names: variable paths (checkpoint keys) must not get "_1".

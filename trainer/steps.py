@@ -1,5 +1,6 @@
-"""The step functions: one training step per replica (loss, L2, gradients, per-stage
-gradient norms, NaN guard), the multi-step training call, and one evaluation step."""
+"""The step functions: one training step per replica (loss, L2, one all-reduce of the
+gradients, per-stage gradient norms, NaN guard, update, moving average), and the
+multi-step training call."""
 
 import keras
 import tensorflow as tf
@@ -15,6 +16,11 @@ class TrainSteps:
   Build it in no particular scope: it opens the strategy's scope for its accumulators.
   `run(iterator, first_step, num_steps)` trains num_steps steps, numbered from
   first_step + 1, in one call into TensorFlow.
+
+  Every replica computes what one device would: the gradients are summed over the global
+  batch once, before anything looks at them, so clipping, the loss-scale decision, the
+  gradient norms and the NaN guard see the global gradient and decide alike on every
+  replica and worker (README, "Distribution").
   """
 
   def __init__(self, config: Config, strategy: tf.distribute.Strategy, state: State,
@@ -25,8 +31,8 @@ class TrainSteps:
     self.averaged = averaged_variables(state.model)
     self.stage_groups = summaries.group_by_stage(state.model.trainable_variables)
     with strategy.scope():
-      self.sums = metrics.Sums()
-      # Replica 0's view is enough: a non-finite loss reaches every replica within a step.
+      self.sums = metrics.Sums(objective=True)
+      # Every replica holds the same value (all are computed from summed quantities).
       self.first_bad_step = metrics.on_read_variable(
           tf.int64, tf.VariableAggregation.ONLY_FIRST_REPLICA)
       self.grad_norms = {
@@ -39,50 +45,66 @@ class TrainSteps:
     self.run = tf.function(self._train_loop)
 
   def _compute_gradients(self, images, labels):
+    """This replica's share: gradients of its part of the objective (scaled for mixed
+    float16), the objective per example, the plain cross-entropy per example, logits."""
     model, config = self.state.model, self.config
     with tf.GradientTape() as tape:
       logits = model(images, training=True)
-      per_example = keras.losses.categorical_crossentropy(
-          tf.one_hot(labels, self.num_classes), logits, from_logits=True,
-          label_smoothing=config.label_smoothing)
-      # Each replica's share of the global-batch mean; the optimizer sums the replicas.
-      loss = tf.reduce_sum(per_example) / config.global_batch_size
+      one_hot = tf.one_hot(labels, self.num_classes)
+      cross_entropy = keras.losses.categorical_crossentropy(one_hot, logits, from_logits=True)
+      objective = (keras.losses.categorical_crossentropy(
+          one_hot, logits, from_logits=True, label_smoothing=config.label_smoothing)
+                   if config.label_smoothing else cross_entropy)
       if config.weight_decay:
         with tf.name_scope("weight_decay"):  # Scopes name the step's parts in a profile.
           l2 = tf.add_n([tf.reduce_sum(tf.square(v)) for v in self.decayed])
-          loss += 0.5 * config.weight_decay * l2 / self.strategy.num_replicas_in_sync
+          # The same term on every example: its global mean is then the one-device term.
+          objective += 0.5 * config.weight_decay * l2
+      # Each replica's share of the global-batch mean; the all-reduce sums the shares.
+      loss = tf.reduce_sum(objective) / config.global_batch_size
       scaled_loss = self.state.optimizer.scale_loss(loss)
-    return tape.gradient(scaled_loss, model.trainable_variables), per_example, logits
+    return (tape.gradient(scaled_loss, model.trainable_variables), objective,
+            cross_entropy, logits, loss)
 
   def _replica_step(self, step, images, labels):
     optimizer, model = self.state.optimizer, self.state.model
-    grads, per_example, logits = self._gradients(images, labels)
-    # Norms of this replica's gradients per stage: the vanishing-gradient picture.
-    with tf.name_scope("gradient_norms"):
+    grads, objective, cross_entropy, logits, loss = self._gradients(images, labels)
+    # The one all-reduce of the step: gradients and objective summed over the global
+    # batch (Keras's optimizer would sum after clipping and after the loss-scale check,
+    # each done on the replica's own share; state.SGD does not sum again).
+    *grads, global_loss = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, [*grads, tf.cast(loss, grads[0].dtype)])
+    with tf.name_scope("gradient_norms"):  # Per stage: the vanishing-gradient picture.
       unscale = tf.cast(optimizer.scale_loss(1.0), tf.float32)
       for name, indices in self.stage_groups.items():
         self.grad_norms[name].assign(
             tf.linalg.global_norm([tf.cast(grads[i], tf.float32) for i in indices]) / unscale)
     optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    self._update_average()
     with tf.name_scope("metrics"):
-      self.sums.add(per_example, logits, labels)
+      self.sums.add(cross_entropy, logits, labels, objective=objective)
       bad = tf.logical_and(tf.equal(self.first_bad_step, 0),
-                           tf.logical_not(tf.reduce_all(tf.math.is_finite(per_example))))
+                           tf.logical_not(tf.math.is_finite(global_loss)))
       self.first_bad_step.assign(tf.where(bad, step, self.first_bad_step))
 
-  def _train_loop(self, iterator, first_step, num_steps):
+  def _update_average(self):
+    """The moving average, on each replica from its own copies: the weights are the same
+    everywhere; batch-norm statistics are per replica, and their averages are averaged
+    across replicas with them (train.py), which by linearity is the average of the
+    synchronised statistics."""
     decay = self.config.ema_decay
+    for average, variable in zip(self.state.ema, self.averaged):
+      average.assign(decay * average + (1 - decay) * tf.cast(variable, average.dtype))
+
+  def _train_loop(self, iterator, first_step, num_steps):
     for i in tf.range(num_steps):
       self.strategy.run(self._replica_step, args=(first_step + i + 1, *next(iterator)))
-      if self.state.ema:
-        # Cross-replica context: the average is updated once, from synchronised weights.
-        for average, variable in zip(self.state.ema, self.averaged):
-          average.assign(decay * average + (1 - decay) * variable)
 
   def first_non_finite_step(self) -> int:
     """The first step whose loss was NaN or Inf (0: none so far)."""
     return int(self.first_bad_step.numpy())
 
   def gradient_norms(self) -> dict[str, float]:
-    """Replica 0's gradient norm per stage, at the last step."""
+    """The global gradient's norm per stage (summed over replicas, unscaled) at the last
+    step: what one device would see."""
     return {name: float(norm.numpy()) for name, norm in self.grad_norms.items()}

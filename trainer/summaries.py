@@ -6,8 +6,11 @@ Where each goes (see run_files for the directory names):
   <model_dir>/        the HParams experiment config and session (start, end, and the
                       run's best_test_accuracy): TensorBoard takes a run holding a session
                       start as a session, and finds its metrics in that run's subdirs;
-  <model_dir>/train/  the settings as a text table, training metrics, epoch_loss and
-                      epoch_accuracy (the epoch's training means);
+  <model_dir>/train/  the settings as a text table, training metrics (loss: the plain
+                      cross-entropy, as evaluated; objective: what the step minimises,
+                      with label smoothing and L2; accuracy; gradient_norm/<stage> of
+                      the global gradient), epoch_loss, epoch_accuracy and
+                      epoch_objective (the epoch's training means);
   <model_dir>/test/   (or validation/) epoch_loss, epoch_accuracy, epoch_<key> for every
                       other evaluation key (epoch_flip_accuracy, epoch_ema_loss, ...) and
                       the confusion_matrix image, at every epoch end; final_test_* after a
@@ -251,6 +254,8 @@ class Summaries:
     with self.train.as_default(step=step):
       tf.summary.scalar(run_files.EPOCH_LOSS_TAG, train_means["loss"])
       tf.summary.scalar(run_files.EPOCH_ACCURACY_TAG, train_means["accuracy"])
+      if "objective" in train_means:
+        tf.summary.scalar(run_files.EPOCH_OBJECTIVE_TAG, train_means["objective"])
     with self.eval.as_default(step=step):
       for key, value in results.items():
         tf.summary.scalar(epoch_tag(key), value)

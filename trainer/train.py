@@ -5,6 +5,7 @@ calls, logs, checkpoints and per-epoch evaluation (the step functions are in ste
 import dataclasses
 import math
 import os
+import secrets
 import signal
 import tempfile
 import time
@@ -18,7 +19,7 @@ from trainer import (data, distribute, evaluation, metrics, run_dir, run_files, 
                      summaries)
 from trainer.config import REFERENCE_BATCH_SIZE, Config
 from trainer.errors import ConfigError, RunDirError, TrainingError
-from trainer.state import State, build_state
+from trainer.state import State, build_state, per_replica_variables
 from trainer import stop
 from trainer.stop import StopRequest, Stopped
 
@@ -196,6 +197,23 @@ def _set_op_determinism(enabled: bool) -> None:
     tf_config.disable_op_determinism()
 
 
+def _data_seed(config: Config, strategy: tf.distribute.Strategy) -> int:
+  """The seed of the data order and augmentation, the same in every input pipeline:
+  --seed when deterministic, else drawn anew, by replica 0's process, and shared by one
+  all-reduce (every pipeline slices the same permutation, see pipeline.train_pipeline)."""
+  if config.deterministic:
+    return config.seed
+  drawn = secrets.randbelow(2**24)  # Exact in float32, the all-reduce's type.
+
+  def replica_zeros_draw():
+    first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
+    return tf.where(first, float(drawn), 0.0)
+
+  summed = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_zeros_draw),
+                           axis=None)
+  return int(summed.numpy())
+
+
 @dataclasses.dataclass(frozen=True)
 class RunPlace:
   """Where and when this process's part of the run happens."""
@@ -219,12 +237,13 @@ class Loop:
     self.place, self.stop_request = place, stop_request
     self.steps = steps.TrainSteps(config, strategy, state, len(splits.class_names),
                                   hardware.jit_compile)
+    self.data_seed = _data_seed(config, strategy)
     self.iterator = iter(strategy.distribute_datasets_from_function(self._train_dataset))
     # Keras 3 batch norm updates each replica's moving statistics on its own batch only;
-    # averaging the copies before every evaluation and save keeps the replicas (and the
-    # workers' checkpoints) equal.
+    # averaging the copies (and their moving averages) before every evaluation and save
+    # keeps the replicas (and the workers' checkpoints) equal.
     self.sync_replicas = distribute.make_replica_sync(strategy,
-                                                      state.model.non_trainable_variables)
+                                                      per_replica_variables(state))
     self.evaluator = evaluation.make_evaluator(strategy, state, splits.evaluation, plan,
                                                config, plan.eval_steps)
     # Multi-worker: a signal to any worker stops every worker at one agreed step.
@@ -249,7 +268,7 @@ class Loop:
   def _train_dataset(self, input_context: tf.distribute.InputContext) -> tf.data.Dataset:
     return pipeline.train_pipeline(
         self.splits.train.as_dataset(), per_replica_batch_size=self.plan.per_replica_batch_size,
-        seed=self.config.seed, start_step=self.place.start_step,
+        seed=self.data_seed, start_step=self.place.start_step,
         deterministic=self.config.deterministic, input_context=input_context)
 
   def run(self) -> None:
