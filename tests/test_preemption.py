@@ -91,5 +91,10 @@ def test_sigterm_to_one_worker_saves_every_worker_at_one_step_and_the_rerun_resu
   metrics = json.loads((model_dir / "metrics.json").read_text())
   expected = json.loads((tmp_path / "reference" / "metrics.json").read_text())
   assert metrics["resumed_from_step"] == step and metrics["steps"] == 60
-  for key in ("test_accuracy", "test_loss"):
-    assert metrics[key] == expected[key], key
+  # Equal within rounding, not bit for bit: the preemption save averaged the replicas'
+  # batch-norm statistics mid-run, the uninterrupted run only at its end; the same mean
+  # by linearity, rounded differently (measured: 1.0e-7 relative on the test loss, in 4
+  # of 5 runs; an exact comparison failed on them). A resume at a wrong step or with other
+  # weights moves the loss by 1e-3 or more.
+  assert metrics["test_accuracy"] == expected["test_accuracy"]
+  assert abs(metrics["test_loss"] - expected["test_loss"]) <= 1e-5 * expected["test_loss"]
