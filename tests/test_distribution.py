@@ -271,8 +271,8 @@ def test_mirrored_on_two_cpus_follows_the_default_strategy_loss_trajectory(
     tmp_path, learnable_folder, isolated_globals):
   """Same global batch, seed and deterministic data: the same losses, step by step.
 
-  The deterministic pipeline augments 1024-image chunks whatever the per-replica batch, so
-  both runs see the same images; replica r of step k gets per-replica batch 2k + r. Batch
+  The deterministic pipeline keys each example's augmentation to the example, so both
+  runs see the same images; replica r of step k gets half r of global batch k. Batch
   norm must be synchronised: per-replica statistics over 4 images instead of 8 change the
   first loss by about 2% (measured). With it, the runs differed by at most 2.4e-7
   (relative) over 10 steps: only the order of float32 additions differs (two partial
