@@ -169,6 +169,9 @@ def test_bfloat16_on_a_cpu_without_avx512_normalises_in_float32():
                           text=True, timeout=120,
                           env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
   assert result.returncode == 0, result.stderr[-3000:]
+  if "bfloat16" in result.stdout.split("\n")[0]:
+    # Seen on an AVX2-only AMD EPYC (2026-12-03): its oneDNN runs bfloat16 batch norm.
+    pytest.skip("this CPU runs the bfloat16 kernel even under ONEDNN_MAX_CPU_ISA=AVX2")
   assert result.stdout.split("\n")[:2] == ["['float32', 'float16']", "bfloat16 True"]
 
 
@@ -289,18 +292,39 @@ def test_a_checkpoint_of_the_stock_layer_restores_and_resumes(monkeypatch, tmp_p
                                atol=2e-4, err_msg=variable.path)
 
 
-def test_builds_use_the_fused_layer_except_portable_and_synchronized():
+def test_builds_use_the_fused_layer_except_portable():
   def batch_norms(model):
     return [type(layer) for layer in model.layers
             if isinstance(layer, keras.layers.BatchNormalization)]
 
-  default = batch_norms(resnet.build_resnet(8))
-  assert default and set(default) == {batch_norm.FusedBatchNormalization}
-  for kwargs in ({"portable": True}, {"sync_batch_norm": True}):
+  for kwargs in ({}, {"sync_batch_norm": True}):
     assert set(batch_norms(resnet.build_resnet(8, **kwargs))) == {
-        keras.layers.BatchNormalization}, kwargs
+        batch_norm.FusedBatchNormalization}, kwargs
   portable = resnet.build_resnet(8, portable=True)
+  assert set(batch_norms(portable)) == {keras.layers.BatchNormalization}
   assert {type(layer).__module__.split(".")[0] for layer in portable.layers} == {"keras"}
+
+
+def test_synchronized_statistics_on_one_device_are_the_batch_statistics():
+  """Two passes over the global batch: on one device, what the unsynchronized layer
+  computes (forward, gradients, moving statistics), to float rounding."""
+  keras_bn, fused = _twins(SHAPE, synchronized=True)
+  plain = batch_norm.FusedBatchNormalization(momentum=0.9, epsilon=1e-5)
+  plain.build(SHAPE)
+  plain.set_weights(fused.get_weights())
+  x = _inputs(SHAPE) * 3.0 + 50.0  # A large mean: E[x^2] - E[x]^2 would cancel.
+  outputs = []
+  for layer in (fused, plain):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = layer(x, training=True)
+      loss = tf.reduce_sum(y * tf.sin(y))
+    outputs.append((y, *tape.gradient(loss, [x, layer.gamma, layer.beta])))
+  for name, a, e in zip(["y", "dx", "dgamma", "dbeta"], *outputs):
+    _assert_close(a, e, TOLERANCE["float32"], name)
+  for name in ("moving_mean", "moving_variance"):
+    np.testing.assert_allclose(getattr(fused, name).numpy(), getattr(plain, name).numpy(),
+                               rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_a_model_with_the_fused_layer_saves_and_loads(tmp_path):
