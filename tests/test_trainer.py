@@ -51,7 +51,7 @@ def test_entrypoint_trains_writes_outputs_and_resumes(tmp_path, image_folder):
   assert {"epoch_loss", "epoch_accuracy"} <= test_tags and "epoch_objective" not in test_tags
   # Training loss is the plain cross-entropy, as evaluated; the objective adds the recipe's
   # label smoothing (0.1) and L2 term (fast: 1e-3), so it is the larger.
-  [epoch] = json.loads((model_dir / "history.json").read_text())
+  [epoch] = json.loads((model_dir / "history.json").read_text())["history"]
   assert epoch["train_objective"] > epoch["train_loss"] > 0
   assert "_hparams_/session_start_info" in event_tags(model_dir)
   assert list((model_dir / "train" / "plugins" / "profile").rglob("*.xplane.pb"))
