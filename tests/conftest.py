@@ -1,7 +1,9 @@
 """Shared test set-up: two logical CPU devices (for MirroredStrategy tests), quiet TF logs,
 and the helpers several test files use (import them: `from conftest import run_main`)."""
 
+import contextlib
 import functools
+import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -9,6 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pathlib  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -101,6 +104,81 @@ def finished_run(tmp_path_factory) -> pathlib.Path:
   result = run_main(*TINY_FLAGS, "--epochs=2", f"--model_dir={model_dir}")
   assert result.returncode == 0, result.stderr[-3000:]
   return model_dir
+
+
+# Several processes at once (workers of one cluster, runs side by side).
+
+def free_ports(count: int) -> list[int]:
+  """Ports nobody listens on now (the OS hands out each once; a tiny race remains)."""
+  with contextlib.ExitStack() as stack:
+    sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+    for s in sockets:
+      s.bind(("127.0.0.1", 0))
+    return [s.getsockname()[1] for s in sockets]
+
+
+def tf_config(ports: list[int], index: int) -> str:
+  return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                     "task": {"type": "worker", "index": index}})
+
+
+class Run:
+  """A subprocess whose output goes to files (no pipe to fill up while others are polled)."""
+
+  def __init__(self, args: list[str], log_dir: pathlib.Path, name: str,
+               env: dict | None = None, program: list[str] | None = None):
+    log_dir.mkdir(parents=True, exist_ok=True)
+    self.name = name
+    self.stdout_path, self.stderr_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
+    command = [sys.executable, *(program or ["-m", "trainer.main"]), *args]
+    with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
+      # Its own session, so that kill() reaches its children (the peer watchdog) too.
+      self.process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **(env or {})},
+                                      stdout=stdout, stderr=stderr, start_new_session=True)
+    self.started, self.seconds = time.time(), None
+
+  @property
+  def pid(self) -> int:
+    return self.process.pid
+
+  @property
+  def returncode(self) -> int | None:
+    return self.process.returncode
+
+  @property
+  def stdout(self) -> str:
+    return self.stdout_path.read_text()
+
+  @property
+  def stderr(self) -> str:
+    return self.stderr_path.read_text()
+
+  def poll(self) -> bool:
+    """True once the process has ended (and records how long it ran)."""
+    if self.process.poll() is not None and self.seconds is None:
+      self.seconds = time.time() - self.started
+    return self.seconds is not None
+
+  def kill(self) -> None:
+    """SIGKILL: a worker blocked joining a cluster ignores SIGTERM (TensorFlow takes it)."""
+    if self.process.poll() is None:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(self.process.pid, signal.SIGKILL)
+    self.process.wait()
+
+
+def finish(runs: list[Run], timeout: float) -> None:
+  """Waits for every run; on the deadline kills them all and fails. Always reaps them."""
+  deadline = time.time() + timeout
+  try:
+    while not all(run.poll() for run in runs):
+      if time.time() > deadline:
+        late = [run.name for run in runs if not run.poll()]
+        pytest.fail(f"{', '.join(late)} did not finish within {timeout} s")
+      time.sleep(0.2)
+  finally:
+    for run in runs:
+      run.kill()
 
 
 # Image folders (--data_source=folder).

@@ -2,7 +2,6 @@
 under MirroredStrategy, a real two-worker run (each worker through the in-process seam,
 train.run_training), and clear failures for bad settings."""
 
-import contextlib
 import json
 import os
 import pathlib
@@ -18,7 +17,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, TINY_FLAGS, cpu_runs_bfloat16, logged, mirrored_on_two_cpus, run_main
+from conftest import (REPO, TINY_FLAGS, Run, cpu_runs_bfloat16, finish, free_ports, logged,
+                      mirrored_on_two_cpus, run_main, tf_config)
 from trainer import config as config_lib
 from trainer import distribute, train
 
@@ -49,85 +49,12 @@ def isolated_globals():
   keras.mixed_precision.set_global_policy(policy)
 
 
-def free_ports(count: int) -> list[int]:
-  """Ports nobody listens on now (the OS hands out each once; a tiny race remains)."""
-  with contextlib.ExitStack() as stack:
-    sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-    for s in sockets:
-      s.bind(("127.0.0.1", 0))
-    return [s.getsockname()[1] for s in sockets]
-
-
-def tf_config(ports: list[int], index: int) -> str:
-  return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                     "task": {"type": "worker", "index": index}})
-
-
 def training_args(model_dir, data_dir, *extra: str) -> list[str]:
   """Flags of a 10-step ResNet-8 run on `learnable_folder` (no warm-up, constant LR)."""
   return ["--depth=8", "--data_source=folder", f"--data_dir={data_dir}",
           f"--model_dir={model_dir}", "--epochs=1", "--global_batch_size=8",
           "--log_every_steps=1", "--learning_rate=0.1", "--lr_schedule=constant",
           "--warmup_epochs=0", "--label_smoothing=0", *extra]
-
-
-class Run:
-  """A subprocess whose output goes to files (no pipe to fill up while others are polled)."""
-
-  def __init__(self, args: list[str], log_dir: pathlib.Path, name: str,
-               env: dict | None = None, program: list[str] | None = None):
-    log_dir.mkdir(parents=True, exist_ok=True)
-    self.name = name
-    self.stdout_path, self.stderr_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
-    command = [sys.executable, *(program or ["-m", "trainer.main"]), *args]
-    with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
-      # Its own session, so that kill() reaches its children (the peer watchdog) too.
-      self.process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **(env or {})},
-                                      stdout=stdout, stderr=stderr, start_new_session=True)
-    self.started, self.seconds = time.time(), None
-
-  @property
-  def pid(self) -> int:
-    return self.process.pid
-
-  @property
-  def returncode(self) -> int | None:
-    return self.process.returncode
-
-  @property
-  def stdout(self) -> str:
-    return self.stdout_path.read_text()
-
-  @property
-  def stderr(self) -> str:
-    return self.stderr_path.read_text()
-
-  def poll(self) -> bool:
-    """True once the process has ended (and records how long it ran)."""
-    if self.process.poll() is not None and self.seconds is None:
-      self.seconds = time.time() - self.started
-    return self.seconds is not None
-
-  def kill(self) -> None:
-    """SIGKILL: a worker blocked joining a cluster ignores SIGTERM (TensorFlow takes it)."""
-    if self.process.poll() is None:
-      with contextlib.suppress(ProcessLookupError):
-        os.killpg(self.process.pid, signal.SIGKILL)
-    self.process.wait()
-
-
-def finish(runs: list[Run], timeout: float) -> None:
-  """Waits for every run; on the deadline kills them all and fails. Always reaps them."""
-  deadline = time.time() + timeout
-  try:
-    while not all(run.poll() for run in runs):
-      if time.time() > deadline:
-        late = [run.name for run in runs if not run.poll()]
-        pytest.fail(f"{', '.join(late)} did not finish within {timeout} s")
-      time.sleep(0.2)
-  finally:
-    for run in runs:
-      run.kill()
 
 
 # Strategy choice, in-process (tests/conftest.py made two logical CPUs).

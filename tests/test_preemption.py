@@ -6,24 +6,13 @@ import os
 import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-from conftest import REPO
+from conftest import REPO, free_ports
 
 TIMEOUT = 240
-
-
-def free_ports(count: int) -> list[int]:
-  sockets = [socket.socket() for _ in range(count)]
-  for s in sockets:
-    s.bind(("127.0.0.1", 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
 
 
 def start_workers(model_dir: pathlib.Path, log_dir: pathlib.Path, name: str

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import cpu_runs_bfloat16, logged
-from test_distribution import Run, finish, free_ports, tf_config
+from conftest import Run, cpu_runs_bfloat16, finish, free_ports, logged, tf_config
 
 TIMEOUT = 300
 STEPS = 6
