@@ -358,6 +358,15 @@ def test_two_local_workers_finish_and_only_the_chief_writes(two_workers):
   assert not any(scratch_root.iterdir())
 
 
+def test_two_local_workers_draw_one_data_seed_and_share_it(two_workers):
+  """Not --deterministic: the seed is drawn once, by the chief, and every worker's input
+  pipeline slices the same permutation with it (else they would train on overlapping
+  examples and miss others)."""
+  seeds = [re.findall(r"data order and augmentation: seed (\d+) \(drawn for this run\)",
+                      run.stderr) for run in two_workers["runs"]]
+  assert len(seeds[0]) == 1 and seeds[0] == seeds[1], seeds
+
+
 def test_two_local_workers_end_with_identical_trainable_weights(two_workers):
   digests = [probe_lines(run.stdout, "trainable") for run in two_workers["runs"]]
   assert len(digests[0]) == 1 and digests[0] == digests[1], digests  # Bit for bit.

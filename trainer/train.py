@@ -203,15 +203,17 @@ def _data_seed(config: Config, strategy: tf.distribute.Strategy) -> int:
   all-reduce (every pipeline slices the same permutation, see pipeline.train_pipeline)."""
   if config.deterministic:
     return config.seed
-  drawn = secrets.randbelow(2**24)  # Exact in float32, the all-reduce's type.
+  drawn = tf.constant(float(secrets.randbelow(2**24)))  # Exact in float32.
+  # In a tf.function: TPUs run strategy.run only there.
+  share = tf.function(lambda: strategy.reduce(
+      tf.distribute.ReduceOp.SUM, strategy.run(_replica_zero_only, args=(drawn,)), axis=None))
+  return int(share().numpy())
 
-  def replica_zeros_draw():
-    first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
-    return tf.where(first, float(drawn), 0.0)
 
-  summed = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_zeros_draw),
-                           axis=None)
-  return int(summed.numpy())
+def _replica_zero_only(value: tf.Tensor) -> tf.Tensor:
+  """value on replica 0 (the chief's first), zeros elsewhere: summed, replica 0's value."""
+  first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
+  return tf.where(first, value, tf.zeros_like(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +240,8 @@ class Loop:
     self.steps = steps.TrainSteps(config, strategy, state, len(splits.class_names),
                                   hardware.jit_compile)
     self.data_seed = _data_seed(config, strategy)
+    logging.info("data order and augmentation: seed %d%s", self.data_seed,
+                 "" if config.deterministic else " (drawn for this run)")
     self.iterator = iter(strategy.distribute_datasets_from_function(self._train_dataset))
     # Keras 3 batch norm updates each replica's moving statistics on its own batch only;
     # averaging the copies (and their moving averages) before every evaluation and save
