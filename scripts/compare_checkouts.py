@@ -30,23 +30,36 @@ flags.DEFINE_list("strategies", ["default", "mirrored"],
 flags.DEFINE_integer("rounds", 2, "Interleaved rounds (the median is reported).")
 flags.DEFINE_integer("windows", 3, "benchmark.py --windows.")
 flags.DEFINE_integer("window_steps", 8, "benchmark.py --window_steps.")
+flags.DEFINE_list("benchmark_args", [], "More flags for benchmark.py in both checkouts "
+                  "(e.g. --global_batch_size=64,--threads=2).")
 FLAGS = flags.FLAGS
+
+
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
 
 
 def images_per_second(checkout: str, depth: str, strategy: str) -> float:
   """One benchmark.py run in `checkout`: its median images/s."""
   command = [sys.executable, "scripts/benchmark.py", f"--depth={depth}", "--nobaseline",
              "--nooverhead", f"--windows={FLAGS.windows}",
-             f"--window_steps={FLAGS.window_steps}", *STRATEGY_FLAGS[strategy]]
+             f"--window_steps={FLAGS.window_steps}", *STRATEGY_FLAGS[strategy],
+             *FLAGS.benchmark_args]
   result = subprocess.run(command, cwd=checkout, capture_output=True, text=True, check=False)
   if result.returncode != 0:
-    sys.exit(f"error: {' '.join(command)} in {checkout} failed:\n{result.stderr[-2000:]}")
+    fail(f"{' '.join(command[1:])} failed in {checkout}:\n{result.stderr[-2000:]}")
   return float(json.loads(result.stdout.strip().splitlines()[-1])["images_per_second"])
 
 
 def main(argv):
   del argv
   checkouts = {"this": HERE, "other": os.path.abspath(FLAGS.other)}
+  if not os.path.isfile(os.path.join(checkouts["other"], "scripts", "benchmark.py")):
+    fail(f"--other={FLAGS.other} is not a checkout of this project (no scripts/benchmark.py)")
+  unknown = set(FLAGS.strategies) - set(STRATEGY_FLAGS)
+  if unknown:
+    fail(f"--strategies: {', '.join(sorted(unknown))} not among {', '.join(STRATEGY_FLAGS)}")
   figures = {}
   for round_index in range(FLAGS.rounds):
     order = list(checkouts) if round_index % 2 == 0 else list(reversed(checkouts))

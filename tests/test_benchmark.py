@@ -36,3 +36,28 @@ def test_compare_refuses_an_unknown_precision():
   assert result.returncode != 0
   assert "'float8' is not float32, mixed_float16 or mixed_bfloat16" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def _compare_checkouts(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "scripts/compare_checkouts.py", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_compare_checkouts_reports_both_checkouts_per_depth_and_strategy(tmp_path):
+  # This checkout against itself: both sides run and are reported, paired.
+  result = _compare_checkouts(f"--other={REPO}", "--depths=8", "--strategies=default",
+                              "--rounds=1", "--windows=1", "--window_steps=2",
+                              "--benchmark_args=--global_batch_size=8")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  figures = report["resnet8/default"]
+  assert figures["this"] > 0 and figures["other"] > 0
+  assert figures["this_vs_other"] == figures["this"] / figures["other"]
+
+
+def test_compare_checkouts_refuses_what_is_not_a_checkout(tmp_path):
+  for args in ([f"--other={tmp_path}"], [f"--other={REPO}", "--strategies=tpu"]):
+    result = _compare_checkouts(*args)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in result.stderr

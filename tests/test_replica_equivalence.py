@@ -13,10 +13,11 @@ from conftest import Run, cpu_runs_bfloat16, finish, free_ports, logged, tf_conf
 
 TIMEOUT = 300
 STEPS = 6
-# depth 8 on synthetic data, a global batch of 16 (4 per replica on 4 replicas), 6 steps,
-# synchronised batch norm (per-replica statistics are the one documented difference),
-# a moving average, every step logged, one checkpoint at the end.
-COMMON = ["--depth=8", "--data_source=synthetic", "--global_batch_size=16", "--epochs=1",
+# depth 8 on 160 random images (a small folder: little to load and evaluate), a global
+# batch of 16 (4 per replica on 4 replicas), 6 steps, synchronised batch norm
+# (per-replica statistics are the one documented difference), a moving average, every
+# step logged, one checkpoint at the end.
+COMMON = ["--depth=8", "--data_source=folder", "--global_batch_size=16", "--epochs=1",
           f"--steps_per_epoch={STEPS}", "--eval_steps=1", "--log_every_steps=1",
           "--deterministic", "--sync_batch_norm", "--ema_decay=0.5", "--jit_compile=false"]
 # Each recipe as it is, but for its length; blog with a clipnorm that binds on every
@@ -47,10 +48,16 @@ CASES = ([(setting, "mirrored2") for setting in SETTINGS]
 TOLERANCE = {"float32": 1e-2, "mixed_float16": 1e-1, "mixed_bfloat16": 1e-1}
 
 
-def start(root: pathlib.Path, name: str, args: list[str], layout: str | None) -> list[Run]:
+@pytest.fixture(scope="module")
+def data_dir(image_folder) -> pathlib.Path:
+  return image_folder(train=16, test=1)
+
+
+def start(root: pathlib.Path, name: str, args: list[str], layout: str | None,
+          data_dir: pathlib.Path) -> list[Run]:
   """The run's processes (one per worker) training into root/name."""
   flags, workers = LAYOUTS[layout] if layout else (["--strategy=default"], 1)
-  args = [*COMMON, *args, *flags, f"--model_dir={root / name}"]
+  args = [*COMMON, f"--data_dir={data_dir}", *args, *flags, f"--model_dir={root / name}"]
   if workers == 1:
     return [Run(args, root / "logs", name)]
   ports = free_ports(workers)
@@ -58,12 +65,14 @@ def start(root: pathlib.Path, name: str, args: list[str], layout: str | None) ->
               {"TF_CONFIG": tf_config(ports, index)}) for index in range(workers)]
 
 
-def run_all(root: pathlib.Path, runs: list[tuple[str, list[str], str | None]]) -> None:
+def run_all(root: pathlib.Path, runs: list[tuple[str, list[str], str | None]],
+            data_dir: pathlib.Path) -> None:
   """Runs (name, flags, layout) two processes at a time; each must succeed."""
   while runs:
     size = 1 if LAYOUTS.get(runs[0][2], ([], 1))[1] > 1 else 2
     batch, runs = runs[:size], runs[size:]
-    started = [(name, start(root, name, args, layout)) for name, args, layout in batch]
+    started = [(name, start(root, name, args, layout, data_dir))
+               for name, args, layout in batch]
     finish([p for _, processes in started for p in processes], TIMEOUT)
     for name, processes in started:
       for process in processes:
@@ -71,13 +80,14 @@ def run_all(root: pathlib.Path, runs: list[tuple[str, list[str], str | None]]) -
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> pathlib.Path:
+def runs(tmp_path_factory, data_dir) -> pathlib.Path:
   """Every run of CASES and its one-device reference, and the initial state."""
   root = tmp_path_factory.mktemp("equivalence")
   wanted = [(s, None) for s in SETTINGS] + CASES
   if not cpu_runs_bfloat16():
     wanted = [(s, layout) for s, layout in wanted if s != "blog_bfloat16"]
-  run_all(root, [(f"{s}-{layout or 'one'}", SETTINGS[s], layout) for s, layout in wanted])
+  run_all(root, [(f"{s}-{layout or 'one'}", SETTINGS[s], layout) for s, layout in wanted],
+          data_dir)
   write_initial_state(root / "initial")
   return root
 
@@ -145,12 +155,12 @@ def test_replicas_and_workers_end_where_one_device_ends(runs, setting, layout):
 
 
 def test_the_moving_average_of_per_replica_batch_norm_statistics_is_their_average(
-    tmp_path):
+    tmp_path, data_dir):
   """Without --sync_batch_norm each replica's statistics follow its own batch; with a
   decay of 0.001 the saved average is (to 0.1%) the last statistics, which the save
   averaged over the replicas: so it must be their mean, not replica 0's copy."""
   run_all(tmp_path, [("local", ["--recipe=blog", "--precision=float32", "--ema_decay=0.001",
-                                "--nosync_batch_norm"], "mirrored2")])
+                                "--nosync_batch_norm"], "mirrored2")], data_dir)
   tensors = checkpoint_tensors(tmp_path / "local" / "checkpoints")
   statistics = [key for key in tensors if "moving_" in key and key.startswith("model/")]
   assert statistics
