@@ -40,12 +40,12 @@ CASES = ([(setting, "mirrored2") for setting in SETTINGS]
 # The tolerance, on ||change on N replicas - change on one device|| / ||change on one
 # device|| over each group of tensors (weights, batch-norm statistics, optimizer slots,
 # moving averages; change = final - initial). Measured on this trainer (AMD EPYC, AVX2,
-# 2026-12-03), rounding alone gives at most 1.7e-3 in float32 (he2016, whose full
-# learning rate amplifies it most; 3e-5 to 1e-3 elsewhere), 1.5e-2 in mixed_float16 and
-# 4e-2 in mixed_bfloat16 (half-precision products round at 1e-3 and 8e-3). A broken rule
-# moves the change by its own size: clipping each replica's share doubles a blog step's
-# update on 2 replicas (an error of 1), other data or augmentation changes every update.
-TOLERANCE = {"float32": 1e-2, "mixed_float16": 1e-1, "mixed_bfloat16": 1e-1}
+# 2026-12-03), rounding alone gives at most 1.7e-3 in float32 (4e-4 for fast and he2016),
+# 1.7e-2 in mixed_float16 and 4.6e-2 in mixed_bfloat16 (half-precision products round at
+# 1e-3 and 8e-3), and the logged losses agree to 1e-6, 3e-5 and 4e-4. A broken rule moves
+# the change by its own size: clipping each replica's share (the code before 2026-12-03)
+# gave 0.47 for blog on 2 replicas; other data or augmentation changes every update.
+TOLERANCE = {"float32": 1e-2, "mixed_float16": 1e-1, "mixed_bfloat16": 2e-1}
 
 
 @pytest.fixture(scope="module")
@@ -156,17 +156,22 @@ def test_replicas_and_workers_end_where_one_device_ends(runs, setting, layout):
 
 def test_the_moving_average_of_per_replica_batch_norm_statistics_is_their_average(
     tmp_path, data_dir):
-  """Without --sync_batch_norm each replica's statistics follow its own batch; with a
-  decay of 0.001 the saved average is (to 0.1%) the last statistics, which the save
-  averaged over the replicas: so it must be their mean, not replica 0's copy."""
+  """Without --sync_batch_norm each replica's statistics are its own batch's (batch-norm
+  momentum 0: the last batch's); with a decay of 0.001 the saved average is (to 0.1%) the
+  last statistics, which the save averaged over the replicas: so it must be their mean,
+  not replica 0's copy (off by 3% to 100% here)."""
   run_all(tmp_path, [("local", ["--recipe=blog", "--precision=float32", "--ema_decay=0.001",
-                                "--nosync_batch_norm"], "mirrored2")], data_dir)
+                                "--bn_momentum=0", "--nosync_batch_norm"], "mirrored2")],
+          data_dir)
   tensors = checkpoint_tensors(tmp_path / "local" / "checkpoints")
   statistics = [key for key in tensors if "moving_" in key and key.startswith("model/")]
   assert statistics
   for key in statistics:
     average = tensors["ema/" + key[len("model/"):]]
-    np.testing.assert_allclose(average, tensors[key], rtol=2e-3, atol=1e-6, err_msg=key)
+    # The average keeps 0.1% of its previous value: at most 0.1% of the statistics' range
+    # (twice that, for rounding) from the last statistics.
+    np.testing.assert_allclose(average, tensors[key], rtol=0,
+                               atol=2e-3 * np.abs(tensors[key]).max(), err_msg=key)
 
 
 # The step itself, in processes of its own (tests/step_probe.py).
