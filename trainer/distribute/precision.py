@@ -50,9 +50,10 @@ def resolve_precision(precision: str, strategy: tf.distribute.Strategy) -> str:
 def check_precision_runs(precision: str, strategy: tf.distribute.Strategy) -> None:
   """Refuses a half-precision policy whose convolutions this CPU cannot run.
 
-  TensorFlow registers bfloat16 kernels for every x86 CPU, but oneDNN creates its
-  bfloat16 convolutions only with AVX-512: on an AVX2-only CPU the first training step
-  would end in "could not create a primitive descriptor". One tiny convolution and its
+  TensorFlow registers bfloat16 kernels for every x86 CPU, but oneDNN does not create its
+  bfloat16 convolutions on every CPU: on an AVX-512 AMD EPYC under
+  ONEDNN_MAX_CPU_ISA=AVX2 the first training step ended in "could not create a
+  primitive descriptor", while an AVX2-only AMD EPYC (2026-12-03) ran them. One tiny convolution and its
   gradients, run once here, tell before the run directory is touched (with XLA too: the
   evaluation step is not compiled). GPUs and TPUs have their own kernels.
 
@@ -73,7 +74,8 @@ def check_precision_runs(precision: str, strategy: tf.distribute.Strategy) -> No
       raise DistributionError(
           f"--precision={precision} cannot run on this CPU: a {dtype.name} convolution "
           f"fails ({_kernel_message(error)}); TensorFlow's oneDNN kernels need AVX-512 "
-          "for bfloat16. Pass --precision=float32, the fastest on CPUs anyway") from None
+          "for bfloat16 on most CPUs. Pass --precision=float32, the fastest on CPUs "
+          "anyway") from None
 
 
 def _kernel_message(error: tf.errors.OpError) -> str:
