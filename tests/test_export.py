@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -81,14 +82,76 @@ def exported(trained_run) -> pathlib.Path:
 
 
 def restored_reference(model_dir: pathlib.Path) -> keras.Model:
-  """The training build with the best checkpoint (what --mode=export exports)."""
+  """The training build with the last checkpoint (what --mode=export exports of a run
+  without a validation split)."""
   keras.mixed_precision.set_global_policy("float32")
   model = resnet.build_model(resnet.architecture(8), num_classes=len(CLASSES),
                              input_mean=pipeline.CIFAR10_MEAN,
                              input_std=pipeline.CIFAR10_STD)
   tf.train.Checkpoint(model=state.variables_by_path(model.variables)).restore(
-      tf.train.latest_checkpoint(str(model_dir / "best"))).expect_partial()
+      tf.train.latest_checkpoint(str(model_dir / "checkpoints"))).expect_partial()
   return model
+
+
+def make_best(model_dir: pathlib.Path, step: int) -> None:
+  """Makes best/ hold checkpoints/ckpt-<step>, as if that epoch had evaluated best: so
+  best/ and the last checkpoint differ, whatever the tiny run's accuracies were."""
+  best = model_dir / "best"
+  shutil.rmtree(best)
+  best.mkdir()
+  for source in (model_dir / "checkpoints").glob(f"ckpt-{step}.*"):
+    shutil.copy(source, best / source.name)
+  (best / "checkpoint").write_text(f'model_checkpoint_path: "ckpt-{step}"\n'
+                                   f'all_model_checkpoint_paths: "ckpt-{step}"\n')
+
+
+def test_export_of_a_run_without_validation_split_takes_the_last_checkpoint_not_best(
+    trained_run, tmp_path):
+  # best/ of such a run was chosen on the test split: exporting it by default would ship
+  # a test-selected model.
+  run = tmp_path / "run"
+  shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("export"))
+  config = json.loads((run / "config.json").read_text())
+  result = run_main(*TRAIN, "--epochs=2", f"--data_dir={config['data_dir']}",
+                    f"--model_dir={run}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = json.loads((run / "metrics.json").read_text())
+  first, last = metrics["history"][0]["step"], metrics["steps"]
+  assert first < last
+  assert (metrics["export_checkpoint"], metrics["export_checkpoint_chosen_by"]) == (
+      f"checkpoints/ckpt-{last}", "final")
+  make_best(run, first)
+  result = run_main("--mode=export", f"--model_dir={run}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (f"exported {run / 'checkpoints' / f'ckpt-{last}'}, the last checkpoint (the run "
+          "held out no validation split, so its best/ was chosen on the test split and is "
+          "not the default), to ") in result.stdout + result.stderr
+  result = run_main("--mode=export", "--checkpoint=best", f"--model_dir={run}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (f"exported {run / 'best' / f'ckpt-{first}'}, --checkpoint=best, to "
+          in result.stdout + result.stderr)
+
+
+def test_export_of_a_run_with_validation_split_takes_the_best_by_validation(trained_run,
+                                                                           tmp_path):
+  config = json.loads((trained_run / "config.json").read_text())
+  run = tmp_path / "run"
+  result = run_main(*TRAIN, "--epochs=2", "--validation_split=6",
+                    f"--data_dir={config['data_dir']}", f"--model_dir={run}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = json.loads((run / "metrics.json").read_text())
+  accuracies = {h["step"]: h["validation_accuracy"] for h in metrics["history"]}
+  best_step = min(step for step, accuracy in accuracies.items()
+                  if accuracy == max(accuracies.values()))
+  assert (metrics["export_checkpoint"], metrics["export_checkpoint_chosen_by"]) == (
+      f"best/ckpt-{best_step}", "best_validation_accuracy")
+  first = metrics["history"][0]["step"]
+  assert first < metrics["steps"]
+  make_best(run, first)
+  result = run_main("--mode=export", f"--model_dir={run}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (f"exported {run / 'best' / f'ckpt-{first}'}, the best by validation accuracy (the "
+          "run held out a validation split), to ") in result.stdout + result.stderr
 
 
 def test_portable_build_has_stock_layers_only_and_the_training_variables():

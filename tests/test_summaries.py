@@ -101,7 +101,7 @@ def test_the_experiment_config_declares_the_compared_hparams_and_the_metrics(stu
   metric_names = {(m.name.group, m.name.tag): m.display_name for m in experiment.metric_infos}
   assert metric_names == {("test", "epoch_accuracy"): "test accuracy",
                           ("test", "epoch_loss"): "test loss",
-                          ("", "best_test_accuracy"): "best test accuracy",
+                          ("", "best_test_accuracy"): "best test accuracy (test-selected)",
                           ("train", "epoch_loss"): "final training loss"}
   json_format.MessageToJson(experiment)  # What the dashboard is served: no inf or nan.
 

@@ -1,6 +1,7 @@
 """--mode=export: a SavedModel (with the class names, a uint8 and an encoded-image signature)
-and a .keras file of stock Keras layers, from the best (or a chosen) checkpoint; each is
-loaded back and must reproduce the checkpoint's logits, or nothing is exported."""
+and a .keras file of stock Keras layers, from the final checkpoint (the best by validation
+accuracy after --validation_split, or a chosen one); each is loaded back and must
+reproduce the checkpoint's logits, or nothing is exported."""
 
 import contextlib
 import dataclasses
@@ -212,14 +213,20 @@ def export(config: Config) -> dict:
   replace what <export_dir> held.
 
   Returns:
-    paths of what was written, the checkpoint used, the class names and the largest
-    logit difference seen.
+    paths of what was written, the checkpoint used and why, the class names and the
+    largest logit difference seen.
   Raises:
     errors.CheckpointError: when there is no checkpoint to export, or it does not fit.
     ExportError: when export_dir cannot be written, or the export does not reproduce the
       checkpoint (then nothing is left of it).
   """
-  path = run_dir.resolve_checkpoint(config.model_dir, config.checkpoint or "best")
+  if config.checkpoint:
+    path, chosen = run_dir.resolve_checkpoint(config.model_dir, config.checkpoint), (
+        f"--checkpoint={config.checkpoint}")
+  else:
+    which, chosen = run_dir.export_default(config.validation_split)
+    path = run_dir.resolve_checkpoint(config.model_dir, which)
+  logging.info("exporting %s: %s", path, chosen)
   export_dir = config.export_dir or os.path.join(config.model_dir, run_files.EXPORT_SUBDIR)
   check_export_dir(export_dir)
   class_names = _class_names(config.model_dir)
@@ -244,6 +251,7 @@ def export(config: Config) -> dict:
     shutil.rmtree(staging, ignore_errors=True)
   logging.info("exported %s: reloaded logits differ by at most %.3g (tolerance %g)", path,
                diff, TOLERANCE)
-  return {"checkpoint": path, "saved_model": os.path.join(export_dir, SAVED_MODEL_SUBDIR),
+  return {"checkpoint": path, "chosen_by": chosen,
+          "saved_model": os.path.join(export_dir, SAVED_MODEL_SUBDIR),
           "keras": os.path.join(export_dir, KERAS_FILE), "class_names": list(class_names),
           "max_logit_difference": diff}

@@ -115,7 +115,8 @@ flags.DEFINE_string("model_dir", "runs/resnet", "Where checkpoints, TensorBoard 
 flags.DEFINE_boolean("overwrite", False, "Delete the run in --model_dir (checkpoints, logs, "
                      "metrics) and start afresh, e.g. after changing the architecture.")
 flags.DEFINE_string("checkpoint", None, "--mode=eval/export: 'latest', 'best' or a "
-                    "checkpoint path prefix (default: latest for eval, best for export).")
+                    "checkpoint path prefix (default: latest; export of a run with "
+                    "--validation_split: best, i.e. the best by validation accuracy).")
 flags.DEFINE_string("export_dir", None, "--mode=export: where to write (default: "
                     "MODEL_DIR/export).")
 flags.DEFINE_list("profile_steps", None, "START,END: write a profiler trace of these "
@@ -228,7 +229,8 @@ def _export(config: config_lib.Config) -> str:
           else contextlib.nullcontext())
   with lock:
     result = export.export(config)
-  return f"exported {result['checkpoint']} to {result['saved_model']} and {result['keras']}"
+  return (f"exported {result['checkpoint']}, {result['chosen_by']}, to "
+          f"{result['saved_model']} and {result['keras']}")
 
 
 def _evaluate(config: config_lib.Config, strategy) -> str:

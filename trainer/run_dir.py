@@ -384,6 +384,19 @@ class Checkpoints:
     return None
 
 
+def export_default(validation_split: int) -> tuple[str, str]:
+  """What --mode=export exports without --checkpoint: ("latest" or "best", why).
+
+  best/ holds the epoch with the best evaluation accuracy. Without a validation split that
+  evaluation is the test split, so best/ is chosen on the test split and its test
+  accuracy is optimistic: the default is then the last (a finished run's final) checkpoint.
+  """
+  if validation_split:
+    return "best", "the best by validation accuracy (the run held out a validation split)"
+  return "latest", ("the last checkpoint (the run held out no validation split, so its "
+                    "best/ was chosen on the test split and is not the default)")
+
+
 def resolve_checkpoint(model_dir: str, which: str) -> str:
   """Finds the checkpoint `--checkpoint` names: "latest", "best" or a path prefix.
 

@@ -504,6 +504,7 @@ class Loop:
     }
     if self.config.validation_split:
       result["best_validation_accuracy"] = self.best_accuracy
+    result.update(self._export_default())
     result["most_confused"] = metrics.most_confused(np.array(final["confusion_matrix"]),
                                                     self.splits.class_names)
     logging.info("classes confused most (true -> predicted: test examples): %s",
@@ -511,6 +512,18 @@ class Loop:
                  or "none")
     self.summaries.best_test_accuracy(self.step, result["best_test_accuracy"])
     return result
+
+
+  def _export_default(self) -> dict:
+    """metrics.json's record of what --mode=export exports by default, and why."""
+    which, _ = run_dir.export_default(self.config.validation_split)
+    name = self.splits.evaluation_name
+    best_steps = [h["step"] for h in self.history if h[f"{name}_accuracy"] == self.best_accuracy]
+    if which == "best" and best_steps:
+      return {"export_checkpoint": f"{run_files.BEST_SUBDIR}/ckpt-{best_steps[0]}",
+              "export_checkpoint_chosen_by": "best_validation_accuracy"}
+    return {"export_checkpoint": f"{run_files.CHECKPOINT_SUBDIR}/ckpt-{self.step}",
+            "export_checkpoint_chosen_by": "final"}
 
 
 def _is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
