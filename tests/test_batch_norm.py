@@ -172,7 +172,11 @@ def test_bfloat16_on_a_cpu_without_avx512_normalises_in_float32():
   if "bfloat16" in result.stdout.split("\n")[0]:
     # Seen on an AVX2-only AMD EPYC (2026-12-03): its oneDNN runs bfloat16 batch norm.
     pytest.skip("this CPU runs the bfloat16 kernel even under ONEDNN_MAX_CPU_ISA=AVX2")
-  assert result.stdout.split("\n")[:2] == ["['float32', 'float16']", "bfloat16 True"]
+  # Whether float16 runs there differs between CPUs (not on a Xeon with AVX512_FP16,
+  # 2026-12-05; yes on the Xeon of 2026-11-30): only float32 and bfloat16 are the point.
+  kernels, outcome = result.stdout.split("\n")[:2]
+  assert "'float32'" in kernels and "bfloat16" not in kernels
+  assert outcome == "bfloat16 True"
 
 
 def test_without_a_half_kernel_it_normalises_in_float32(monkeypatch):

@@ -50,10 +50,11 @@ def resolve_precision(precision: str, strategy: tf.distribute.Strategy) -> str:
 def check_precision_runs(precision: str, strategy: tf.distribute.Strategy) -> None:
   """Refuses a half-precision policy whose convolutions this CPU cannot run.
 
-  TensorFlow registers bfloat16 kernels for every x86 CPU, but oneDNN does not create its
-  bfloat16 convolutions on every CPU: on an AVX-512 AMD EPYC under
-  ONEDNN_MAX_CPU_ISA=AVX2 the first training step ended in "could not create a
-  primitive descriptor", while an AVX2-only AMD EPYC (2026-12-03) ran them. One tiny convolution and its
+  TensorFlow registers half-precision kernels for every x86 CPU, but oneDNN does not
+  create them on every CPU: under ONEDNN_MAX_CPU_ISA=AVX2 the first training step ended in
+  "could not create a primitive descriptor" for bfloat16 on an AVX-512 AMD EPYC and for
+  bfloat16 and float16 on a Xeon with AVX512_FP16 (2026-12-05), while an AVX2-only AMD
+  EPYC (2026-12-03) ran bfloat16 and another Xeon float16. One tiny convolution and its
   gradients, run once here, tell before the run directory is touched (with XLA too: the
   evaluation step is not compiled). GPUs and TPUs have their own kernels.
 
@@ -73,8 +74,8 @@ def check_precision_runs(precision: str, strategy: tf.distribute.Strategy) -> No
     except tf.errors.OpError as error:
       raise DistributionError(
           f"--precision={precision} cannot run on this CPU: a {dtype.name} convolution "
-          f"fails ({_kernel_message(error)}); TensorFlow's oneDNN kernels need AVX-512 "
-          "for bfloat16 on most CPUs. Pass --precision=float32, the fastest on CPUs "
+          f"fails ({_kernel_message(error)}); TensorFlow's oneDNN {dtype.name} kernels "
+          "need AVX-512 on many CPUs. Pass --precision=float32, the fastest on CPUs "
           "anyway") from None
 
 
