@@ -5,9 +5,10 @@ earlier commit), in interleaved rounds of scripts/benchmark.py, each checkout's 
   python scripts/compare_checkouts.py --other=/tmp/before --depths=20,56 \
       --strategies=default,mirrored --rounds=2
 
-Every round runs every (depth, strategy) once in each checkout, alternating which goes
-first, so both see the same machine state; the median over rounds is reported. The last
-line printed is a JSON object.
+Every round runs every (depth, strategy) once in each checkout, back to back, alternating
+which goes first, so both see the same machine state; the median over rounds of each
+checkout and the median of the paired per-round ratios (a slow drift of the machine
+cancels in a pair) are reported. The last line printed is a JSON object.
 """
 
 import json
@@ -73,8 +74,13 @@ def main(argv):
   report = {"other": checkouts["other"], "rounds": FLAGS.rounds}
   for key, by_checkout in figures.items():
     this, other = (statistics.median(by_checkout[n]) for n in ("this", "other"))
-    report[key] = {"this": this, "other": other, "this_vs_other": this / other}
-    print(f"{key:20s} this {this:8.1f}  other {other:8.1f}  this/other {this / other:.3f}")
+    paired = [a / b for a, b in zip(by_checkout["this"], by_checkout["other"])]
+    report[key] = {"this": this, "other": other, "this_vs_other": this / other,
+                   "rounds_this": by_checkout["this"], "rounds_other": by_checkout["other"],
+                   "paired_ratios": paired, "paired_ratio_median": statistics.median(paired)}
+    print(f"{key:20s} this {this:8.1f}  other {other:8.1f}  this/other {this / other:.3f}  "
+          f"paired: median {statistics.median(paired):.3f} of "
+          f"{', '.join(f'{r:.3f}' for r in paired)}")
   print(json.dumps(report))
 
 

@@ -54,15 +54,23 @@ def mirrored_on_two_cpus() -> tf.distribute.MirroredStrategy:
 
 
 @functools.cache
-def cpu_runs_bfloat16() -> bool:
-  """Whether this CPU runs bfloat16 convolutions (oneDNN's need AVX-512); the trainer
-  refuses --precision=mixed_bfloat16 where it does not."""
+def cpu_runs(precision: str) -> bool:
+  """Whether this CPU runs the convolutions of `precision` (oneDNN's half-precision ones
+  need AVX-512 on most CPUs; which run differs between CPUs); the trainer refuses a
+  precision where they do not."""
   from trainer import distribute, errors
   try:
-    distribute.check_precision_runs("mixed_bfloat16", tf.distribute.get_strategy())
+    distribute.check_precision_runs(precision, tf.distribute.get_strategy())
   except errors.DistributionError:
     return False
   return True
+
+
+def skip_unless_cpu_runs(precision: str) -> None:
+  """Skips a test that needs `precision`'s kernels where this CPU lacks them (e.g. under
+  ONEDNN_MAX_CPU_ISA=AVX2); the refusal itself is test_distribution's."""
+  if not cpu_runs(precision):
+    pytest.skip(f"this CPU cannot run {precision} convolutions (the trainer refuses it here)")
 
 
 # The entrypoint, as a real process.

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, skip_unless_cpu_runs
 
 
 def _benchmark(*args: str) -> subprocess.CompletedProcess:
@@ -15,6 +15,7 @@ def _benchmark(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_compare_times_the_trainer_at_each_precision_asked_for():
+  skip_unless_cpu_runs("mixed_float16")
   result = _benchmark("--compare", "--depth=8", "--global_batch_size=8", "--window_steps=1",
                       "--windows=2", "--warmup_windows=0", "--threads=1",
                       "--compare_precisions=mixed_float16")
@@ -53,6 +54,8 @@ def test_compare_checkouts_reports_both_checkouts_per_depth_and_strategy(tmp_pat
   figures = report["resnet8/default"]
   assert figures["this"] > 0 and figures["other"] > 0
   assert figures["this_vs_other"] == figures["this"] / figures["other"]
+  assert figures["paired_ratios"] == [figures["this"] / figures["other"]]
+  assert figures["paired_ratio_median"] == figures["paired_ratios"][0]
 
 
 def test_compare_checkouts_refuses_what_is_not_a_checkout(tmp_path):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, TINY_FLAGS, checkpoint_weights, run_and_kill, run_main
+from conftest import (REPO, TINY_FLAGS, checkpoint_weights, run_and_kill, run_main,
+                      skip_unless_cpu_runs)
 
 
 def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(tmp_path):
@@ -162,6 +163,7 @@ def test_eval_mode_with_flip_reports_it(finished_run):
 def test_eval_mode_under_another_precision_reads_the_same_weights(finished_run):
   # A float32 run evaluated under mixed_float16, whose optimizer has a loss scale the
   # checkpoint lacks: evaluation restores the model and its average, not the optimizer.
+  skip_unless_cpu_runs("mixed_float16")
   metrics = {}
   for precision in ("float32", "mixed_float16"):
     result = run_main("--mode=eval", f"--precision={precision}", f"--model_dir={finished_run}")

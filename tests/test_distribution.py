@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (REPO, TINY_FLAGS, Run, cpu_runs_bfloat16, finish, free_ports, logged,
+from conftest import (REPO, TINY_FLAGS, Run, cpu_runs, finish, free_ports, logged,
                       mirrored_on_two_cpus, run_main, tf_config)
 from trainer import config as config_lib
 from trainer import distribute, train
@@ -257,10 +257,10 @@ def mixed_precision_runs(tmp_path_factory, learnable_folder) -> dict[str, dict]:
 def test_mixed_precision_with_xla_under_mirrored_trains(mixed_precision_runs, precision):
   result = mixed_precision_runs[precision]
   log = result["run"].stderr
-  if precision == "mixed_bfloat16" and not cpu_runs_bfloat16():
-    # A CPU without AVX-512 (the test above): refused, which is all it can do.
+  if not cpu_runs(precision):
+    # E.g. a CPU without AVX-512 (the test above): refused, which is all it can do.
     assert result["run"].returncode == 2, log[-3000:]
-    assert "error: --precision=mixed_bfloat16 cannot run on this CPU" in log
+    assert f"error: --precision={precision} cannot run on this CPU" in log
     return
   assert result["run"].returncode == 0, log[-3000:]
   assert f"MirroredStrategy, 2 replica(s), precision {precision}, XLA on" in log

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import Run, cpu_runs_bfloat16, finish, free_ports, logged, tf_config
+from conftest import (Run, cpu_runs, finish, free_ports, logged, skip_unless_cpu_runs,
+                      tf_config)
 
 TIMEOUT = 300
 STEPS = 6
@@ -48,6 +49,10 @@ CASES = ([(setting, "mirrored2") for setting in SETTINGS]
 TOLERANCE = {"float32": 1e-2, "mixed_float16": 1e-1, "mixed_bfloat16": 2e-1}
 
 
+def precision_of(setting: str) -> str:
+  return SETTINGS[setting][-1].split("=")[1]
+
+
 @pytest.fixture(scope="module")
 def data_dir(image_folder) -> pathlib.Path:
   return image_folder(train=16, test=1)
@@ -84,8 +89,7 @@ def runs(tmp_path_factory, data_dir) -> pathlib.Path:
   """Every run of CASES and its one-device reference, and the initial state."""
   root = tmp_path_factory.mktemp("equivalence")
   wanted = [(s, None) for s in SETTINGS] + CASES
-  if not cpu_runs_bfloat16():
-    wanted = [(s, layout) for s, layout in wanted if s != "blog_bfloat16"]
+  wanted = [(s, layout) for s, layout in wanted if cpu_runs(precision_of(s))]
   run_all(root, [(f"{s}-{layout or 'one'}", SETTINGS[s], layout) for s, layout in wanted],
           data_dir)
   write_initial_state(root / "initial")
@@ -137,9 +141,8 @@ def train_log(model_dir: pathlib.Path) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("setting, layout", CASES)
 def test_replicas_and_workers_end_where_one_device_ends(runs, setting, layout):
-  if setting == "blog_bfloat16" and not cpu_runs_bfloat16():
-    pytest.skip("this CPU cannot run bfloat16 convolutions")
-  tolerance = TOLERANCE[SETTINGS[setting][-1].split("=")[1]]
+  skip_unless_cpu_runs(precision_of(setting))
+  tolerance = TOLERANCE[precision_of(setting)]
   reference = checkpoint_tensors(runs / f"{setting}-one" / "checkpoints")
   other = checkpoint_tensors(runs / f"{setting}-{layout}" / "checkpoints")
   assert set(other) == set(reference)
@@ -200,6 +203,7 @@ def probe(task: str, kind: str, root: pathlib.Path) -> list[dict]:
 def test_an_overflow_on_one_replica_skips_the_step_everywhere_and_halves_the_scale(
     tmp_path, kind):
   """mixed_float16; replica 1 (on worker 1 when workers) overflows at step 2 only."""
+  skip_unless_cpu_runs("mixed_float16")
   processes = probe("overflow", kind, tmp_path)
   first, overflow, after = processes[0]
   replicas = 2 if kind == "mirrored" else 1

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from keras import layers
 
-from conftest import cpu_runs_bfloat16
+from conftest import skip_unless_cpu_runs
 from scripts import flops
 from trainer import resnet
 
@@ -205,9 +205,7 @@ def test_only_conv_and_dense_kernels_end_with_kernel(depth, kwargs):
 @pytest.mark.parametrize("depth,kwargs", [(20, {}),
                                           (50, dict(stem="imagenet", **SMALL_BOTTLENECK))])
 def test_logits_are_float32_under_every_policy(policy, depth, kwargs):
-  if policy == "mixed_bfloat16" and not cpu_runs_bfloat16():
-    pytest.skip("this CPU has no bfloat16 convolutions (no AVX-512); the trainer refuses "
-                "the policy here, see test_distribution")
+  skip_unless_cpu_runs(policy)
   model = resnet.build_resnet(depth, **kwargs)
   logits = model(_images(), training=False)
   assert tuple(logits.shape) == (2, 10)
