@@ -195,7 +195,8 @@ def test_export_serves_in_a_fresh_process_without_the_project(exported, trained_
 import json, numpy as np, tensorflow as tf, keras
 images = np.load("images.npy")
 loaded = tf.saved_model.load({str(exported / 'saved_model')!r})
-assert sorted(loaded.signatures) == ["serve", "serve_bytes"], list(loaded.signatures)
+assert sorted(loaded.signatures) == ["serve", "serve_bytes", "serving_default"], list(
+    loaded.signatures)
 served = loaded.signatures["serve"](images=tf.constant(images))
 assert sorted(served) == ["class_id", "class_name", "logits", "probabilities"], list(served)
 with open(loaded.class_names_file.asset_path.numpy().decode()) as f:
@@ -235,6 +236,33 @@ json.dump({{"names": names, "class_id": served["class_id"].numpy().tolist(),
                                atol=export.TOLERANCE, err_msg=name)
 
 
+def test_saved_model_cli_runs_the_default_signature_on_uint8_images(exported, trained_run,
+                                                                    tmp_path):
+  # TF Serving's REST predict without a signature_name, saved_model_cli and most clients
+  # call serving_default; here through saved_model_cli, TensorFlow's own tool, in a fresh
+  # process.
+  images = random_images(3, seed=8)
+  np.save(tmp_path / "images.npy", images)
+  cli = pathlib.Path(sys.executable).parent / "saved_model_cli"
+  shown = subprocess.run([cli, "show", "--dir", exported / "saved_model", "--tag_set", "serve",
+                          "--signature_def", "serving_default"], cwd=tmp_path,
+                         env=environment(), capture_output=True, text=True, timeout=300)
+  assert shown.returncode == 0, shown.stderr[-3000:]
+  assert re.search(r"inputs\['images'\] tensor_info:\s+dtype: DT_UINT8\s+"
+                   r"shape: \(-1, 32, 32, 3\)", shown.stdout), shown.stdout
+  run = subprocess.run([cli, "run", "--dir", exported / "saved_model", "--tag_set", "serve",
+                        "--signature_def", "serving_default", "--inputs", "images=images.npy",
+                        "--outdir", tmp_path / "out"],
+                       cwd=tmp_path, env=environment(), capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  logits = np.load(tmp_path / "out" / "logits.npy")
+  expected = restored_reference(trained_run)(images, training=False).numpy()
+  np.testing.assert_allclose(logits, expected, rtol=0, atol=export.TOLERANCE)
+  names = np.load(tmp_path / "out" / "class_name.npy", allow_pickle=True)
+  assert [n.decode() for n in names] == [CLASSES[i] for i in logits.argmax(axis=-1)]
+
+
 def test_export_that_does_not_reproduce_its_logits_fails_and_leaves_nothing(trained_run,
                                                                              tmp_path):
   export_dir = tmp_path / "export"
@@ -261,6 +289,32 @@ runpy.run_module("trainer.main", run_name="__main__", alter_sys=True)
                    r"logit, [0-9.]+\); nothing was exported",
                    result.stderr, re.MULTILINE), result.stderr[-3000:]
   assert list(export_dir.iterdir()) == []  # no saved_model/, model.keras or staging dir
+
+
+def test_export_that_tf_serving_could_not_load_fails_and_leaves_nothing(trained_run,
+                                                                       tmp_path):
+  # Without the tf.Variables tracked, tf.saved_model.load still works but TF Serving's
+  # loader (a TF1 session) finds them uninitialised: verification must catch it.
+  export_dir = tmp_path / "export"
+  code = f"""
+import runpy, sys
+from trainer import export
+init = export._Serving.__init__
+def untracked(self, *args):
+  init(self, *args)
+  del self.model_variables
+export._Serving.__init__ = untracked
+sys.argv = ["main", "--mode=export", "--model_dir={trained_run}", "--export_dir={export_dir}"]
+runpy.run_module("trainer.main", run_name="__main__", alter_sys=True)
+"""
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environment(),
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  assert re.search(r"^error: the exported SavedModel's serving_default fails as TF Serving "
+                   r"loads it \(FailedPreconditionError: .*Could not find variable .*\); "
+                   r"nothing was exported", result.stderr, re.MULTILINE), result.stderr[-3000:]
+  assert list(export_dir.iterdir()) == []
 
 
 def test_export_dir_under_a_file_fails_clearly(trained_run, tmp_path):

@@ -1,4 +1,4 @@
-"""--mode=export: a SavedModel (with the class names, a uint8 and an encoded-image signature)
+"""--mode=export: a SavedModel (with the class names, uint8 and encoded-image signatures)
 and a .keras file of stock Keras layers, from the final checkpoint (the best by validation
 accuracy after --validation_split, or a chosen one); each is loaded back and must
 reproduce the checkpoint's logits, or nothing is exported."""
@@ -23,6 +23,10 @@ SAVED_MODEL_SUBDIR = "saved_model"
 KERAS_FILE = "model.keras"
 CLASS_NAMES_FILE = "class_names.txt"  # the SavedModel's asset, one class name a line
 IMAGE_SIZE = 32
+# What TF Serving, `saved_model_cli` and most clients call without a signature name. It is
+# `serve` (uint8 images), as in Keras's own model.export() and Model Garden's default
+# image_tensor input: exact, nothing decoded or resized; encoded files go to serve_bytes.
+DEFAULT_SIGNATURE = "serving_default"
 # The largest logit difference a reloaded export may show against the restored
 # checkpoint, relative to the largest logit (at least 1). Everything runs in float32 on
 # the same machine, but the export's stock batch norm rounds differently from the fused
@@ -86,11 +90,17 @@ def _resize(image: tf.Tensor) -> tf.Tensor:
 
 class _Serving(tf.Module):
   """What the SavedModel holds: the model, the class names (outputs and asset) and the
-  two signatures."""
+  signatures."""
 
   def __init__(self, model: keras.Model, class_names: tuple[str, ...], names_file: str):
     super().__init__()
     self.model = model
+    # TF1-style loaders (TF Serving's C++ loader, `saved_model_cli run`) initialise only
+    # the variables the checkpoint restores. Keras 3 saves each keras.Variable as a copy
+    # of its tf.Variable, but the signatures read the tf.Variable itself, which those
+    # loaders then found uninitialised ("Could not find variable stem_bn/moving_mean";
+    # tf.saved_model.load was unaffected). Tracked here, they are restored too.
+    self.model_variables = [variable.value for variable in model.variables]
     self.class_names_file = tf.saved_model.Asset(names_file)
     self._class_names = tf.constant(class_names)
 
@@ -139,7 +149,8 @@ def _write(model: keras.Model, class_names: tuple[str, ...], directory: str) -> 
   serving = _Serving(model, class_names, names_file)
   with _quiet_saving():
     tf.saved_model.save(serving, os.path.join(directory, SAVED_MODEL_SUBDIR),
-                        signatures={"serve": serving.serve,
+                        signatures={DEFAULT_SIGNATURE: serving.serve,
+                                    "serve": serving.serve,
                                     "serve_bytes": serving.serve_bytes})
   model.save(os.path.join(directory, KERAS_FILE))
 
@@ -148,6 +159,7 @@ def _reloaded_outputs(directory: str, images: np.ndarray) -> dict:
   """Loads the export in `directory` back; the logits (and class names) it gives."""
   loaded = tf.saved_model.load(os.path.join(directory, SAVED_MODEL_SUBDIR))
   served = loaded.signatures["serve"](images=tf.constant(images))
+  by_default = loaded.signatures[DEFAULT_SIGNATURE](images=tf.constant(images))
   encoded = tf.stack([tf.io.encode_png(image) for image in images])
   from_bytes = loaded.signatures["serve_bytes"](image_bytes=encoded)
   with open(loaded.class_names_file.asset_path.numpy().decode(), encoding="utf-8") as f:
@@ -155,11 +167,35 @@ def _reloaded_outputs(directory: str, images: np.ndarray) -> dict:
   keras_model = keras.saving.load_model(os.path.join(directory, KERAS_FILE))
   return {
       "logits": {
+          f"{SAVED_MODEL_SUBDIR} {DEFAULT_SIGNATURE} (as TF Serving loads it)":
+              _session_logits(os.path.join(directory, SAVED_MODEL_SUBDIR), images),
           f"{SAVED_MODEL_SUBDIR} serve": served["logits"].numpy(),
+          f"{SAVED_MODEL_SUBDIR} {DEFAULT_SIGNATURE}": by_default["logits"].numpy(),
           f"{SAVED_MODEL_SUBDIR} serve_bytes": from_bytes["logits"].numpy(),
           KERAS_FILE: keras_model(images, training=False).numpy()},
       "class_name": [name.decode() for name in served["class_name"].numpy()],
       "asset_names": asset_names}
+
+
+def _session_logits(path: str, images: np.ndarray) -> np.ndarray:
+  """serving_default's logits as TF Serving's C++ loader and `saved_model_cli run` get them:
+  a TF1 session that restores the variables from the SavedModel's own saver.
+
+  Raises:
+    ExportError: when that fails (e.g. a variable the saver does not restore).
+  """
+  with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+    try:
+      signature = tf.compat.v1.saved_model.load(
+          session, [tf.saved_model.SERVING], path).signature_def[DEFAULT_SIGNATURE]
+      return session.run(signature.outputs["logits"].name,
+                         {signature.inputs["images"].name: images})
+    except tf.errors.OpError as e:
+      # The cause, not the "Graph execution error:" that heads a graph's errors.
+      cause = next((line.strip() for line in e.message.splitlines() if line.strip()
+                    and not line.startswith("Graph execution error")), "no details")
+      raise ExportError(f"the exported SavedModel's {DEFAULT_SIGNATURE} fails as TF Serving "
+                        f"loads it ({type(e).__name__}: {cause[:200]})") from None
 
 
 def _write_and_verify(model: keras.Model, class_names: tuple[str, ...], directory: str,
