@@ -198,8 +198,11 @@ def test_malformed_run_files_are_one_line_errors(finished_run, tmp_path, name, c
                                                   needle):
   model_dir = copy_run(finished_run, tmp_path / "run")
   (model_dir / name).write_text(content)
+  before = snapshot(model_dir)
   result = trainer(*TINY, "--steps_per_epoch=3", "--epochs=3", f"--model_dir={model_dir}")
   assert_user_error(result, needle, "--overwrite")
+  # A refused run writes nothing: not config.json, not a line of train.log.
+  assert snapshot(model_dir) == before
 
 
 @pytest.mark.parametrize("mode", ["eval", "export"])
@@ -261,6 +264,55 @@ def test_resuming_with_settings_that_change_the_variables_is_refused(finished_ru
   model_dir = copy_run(finished_run, tmp_path / "run")
   result = trainer(*TINY, "--steps_per_epoch=3", "--epochs=3", flag, f"--model_dir={model_dir}")
   assert_user_error(result, "holds a run with different settings", needle)
+
+
+@pytest.mark.parametrize("flag, needle", [
+    ("--validation_split=32", "--validation_split: 0 in"),
+    ("--lr_schedule=constant", "--lr_schedule: 'cosine' in"),
+    ("--warmup_epochs=1", "--warmup_epochs: 2.0 in"),
+    ("--recipe=blog", "--recipe: 'fast' in"),
+])
+def test_resuming_with_another_data_split_or_schedule_is_refused_and_writes_nothing(
+    finished_run, tmp_path, flag, needle):
+  # Another split changes the training set and what history.json's epochs evaluated (it
+  # ended in KeyError: 'validation_accuracy'); another schedule, every later step's rate.
+  model_dir = copy_run(finished_run, tmp_path / "run")
+  before = snapshot(model_dir)
+  result = trainer(*TINY, "--steps_per_epoch=3", "--epochs=3", flag, f"--model_dir={model_dir}")
+  assert_user_error(result, "holds a run with different settings", needle)
+  assert snapshot(model_dir) == before
+
+
+def test_resuming_on_other_data_is_refused_and_on_the_same_data_moved_continues(
+    image_folder, tmp_path):
+  import shutil
+  first, more = image_folder(train=4, test=2), image_folder(train=5, test=2)
+  model_dir = tmp_path / "run"
+  folder = ["--depth=8", "--data_source=folder", "--global_batch_size=8", "--eval_steps=1"]
+  result = trainer(*folder, f"--data_dir={first}", "--epochs=1", f"--model_dir={model_dir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  before = snapshot(model_dir)
+  result = trainer(*folder, f"--data_dir={more}", "--epochs=2", f"--model_dir={model_dir}")
+  assert_user_error(result, "holds a run with different settings",
+                    "training images (--data_dir, --validation_split): 40 in", "50 now")
+  assert snapshot(model_dir) == before
+  moved = shutil.copytree(first, tmp_path / "moved")
+  result = trainer(*folder, f"--data_dir={moved}", "--epochs=2", f"--model_dir={model_dir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "continuing" in result.stderr and "--data_dir:" in result.stderr
+
+
+def test_a_resume_inside_the_profiler_window_traces_the_rest_of_it(finished_run, tmp_path):
+  # The run ended at step 6; the window 4-8 began before it (this was a traceback:
+  # "No profiler is running", from stopping a trace that never started).
+  model_dir = copy_run(finished_run, tmp_path / "run")
+  result = trainer(*TINY, "--steps_per_epoch=3", "--epochs=3", "--profile_steps=4,8",
+                   f"--model_dir={model_dir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert ("--profile_steps=4,8 began before step 6, where this run resumed: tracing steps "
+          "6-8") in result.stderr
+  assert "profiler trace of steps 6-8 written under" in result.stderr
+  assert list((model_dir / "train" / "plugins" / "profile").rglob("*.xplane.pb"))
 
 
 def test_deterministic_xla_on_the_imagenet_stem_is_refused_after_auto(monkeypatch):

@@ -21,10 +21,15 @@ from trainer import run_files
 from trainer.config import Config
 from trainer.errors import CheckpointError, RunDirError, UserError
 
-# Settings a checkpoint cannot survive: the architecture, and what maps steps to data.
+# Settings a checkpoint cannot survive: the architecture, what maps steps to data (the
+# training set, its split, the batches) and the shape of the learning-rate schedule over
+# those steps. --epochs may change (raising it continues a finished run), and so may
+# --learning_rate (a lower one is the remedy a diverged run's error message names).
 INCOMPATIBLE_FIELDS = ("depth", "plain", "stem", "shortcut", "stage_sizes", "stage_widths",
                        "global_batch_size", "steps_per_epoch", "data_source", "seed",
-                       "deterministic")
+                       "deterministic", "validation_split", "recipe", "lr_schedule",
+                       "warmup_epochs")
+
 # What --overwrite removes: only what a run writes, never other files of the user's.
 RUN_OUTPUTS = (run_files.CHECKPOINT_SUBDIR, run_files.BEST_SUBDIR, run_files.TRAIN_EVENTS,
                run_files.TEST_EVENTS, run_files.VALIDATION_EVENTS, run_files.EXPORT_SUBDIR,
@@ -173,16 +178,20 @@ def claim(model_dir: str, *, lock: bool = True):
         os.rmdir(model_dir)
 
 
-def prepare(model_dir: str, config: Config, precision: str) -> None:
+def prepare(model_dir: str, config: Config, precision: str, resolved: dict) -> None:
   """Makes model_dir ready for this run: emptied with --overwrite, and holding no run
-  with incompatible settings.
+  with incompatible settings or a history this run could not continue. Writes nothing
+  unless --overwrite.
 
+  Args:
+    resolved: what this run's data resolved to, config.json's values of RESOLVED_DATA.
   Raises:
     RunDirError: naming what is wrong and what to do.
   """
   if config.overwrite:
     clear_run(model_dir)
-  check_compatible(model_dir, config, precision)
+  check_compatible(model_dir, config, precision, resolved)
+  read_history(model_dir)
 
 
 def check_writable(model_dir: str) -> None:
@@ -226,10 +235,24 @@ def _variable_settings(settings: dict, precision: str | None) -> dict[str, tuple
                         "variables)", loss_scale)}
 
 
-def check_compatible(model_dir: str, config: Config, precision: str) -> None:
+# What the data resolved to (config.json's records), and how an error names it: another
+# --data_dir may hold the same data elsewhere, but not other data.
+RESOLVED_DATA = {"train_examples": "training images (--data_dir, --validation_split)",
+                 "steps_per_epoch_resolved": "steps per epoch",
+                 "class_names": "class names (--data_dir)"}
+
+
+def _short(value) -> str:
+  text = repr(value)
+  return text if len(text) <= 120 else text[:117] + "..."
+
+
+def check_compatible(model_dir: str, config: Config, precision: str,
+                     resolved: dict | None = None) -> None:
   """Refuses to continue a run whose saved config.json differs in incompatible settings:
-  the architecture and the data order, and what changes the checkpoint's variables (an
-  EMA, float16's loss scale).
+  the architecture, the data, its split and order, the schedule's shape (`resolved`: what
+  the data resolved to), and what changes the checkpoint's variables (an EMA, float16's
+  loss scale).
 
   Raises:
     RunDirError: naming each differing setting and how to start afresh.
@@ -246,6 +269,11 @@ def check_compatible(model_dir: str, config: Config, precision: str) -> None:
       theirs = tuple(theirs)
     if theirs != mine:
       differing.append(f"--{name}: {theirs!r} in {path}, {mine!r} now")
+  for name, mine in (resolved or {}).items():
+    theirs = saved.get(name)
+    if theirs is not None and theirs != mine:
+      differing.append(f"{RESOLVED_DATA[name]}: {_short(theirs)} in {path}, "
+                       f"{_short(mine)} now")
   if "precision_resolved" in saved:
     theirs = _variable_settings(saved, saved["precision_resolved"])
     for name, (text, adds) in _variable_settings(ours, precision).items():

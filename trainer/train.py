@@ -92,7 +92,10 @@ def _train(config: Config, strategy: tf.distribute.Strategy, out_dir: str, chief
                               num_eval=splits.evaluation.num_examples,
                               num_test=splits.test.num_examples)
     hardware = resolve_hardware(config, strategy)
-    run_dir.prepare(out_dir, config, hardware.precision)
+    run_dir.prepare(out_dir, config, hardware.precision, resolved={
+        "train_examples": splits.train.num_examples,
+        "steps_per_epoch_resolved": plan.steps_per_epoch,
+        "class_names": list(splits.class_names)})
     state = build_state(config, strategy, len(splits.class_names), plan, hardware.precision)
     run_dir.check_free_space(out_dir, state.checkpoint_bytes(), config.keep_checkpoints)
     checkpoints = run_dir.Checkpoints(
@@ -267,6 +270,7 @@ class Loop:
     self.finite_step, self.weight_norm = place.start_step, state.health()[1]
     self.interval_start = time.time()
     self.first_call = True
+    self.profiling_from: int | None = None  # the step the running profiler trace began at
     self.epoch_means = metrics.EpochMeans()
 
   def _train_dataset(self, input_context: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -318,8 +322,14 @@ class Loop:
     """One call into TensorFlow: steps self.step + 1 .. until."""
     profile = self.config.profile_steps
     trace_dir = os.path.join(self.place.out_dir, run_files.TRAIN_EVENTS)
-    if profile and self.place.chief and self.step == profile[0]:
+    # Also when a resumed run starts inside the window: it traces the rest of it.
+    if (profile and self.place.chief and self.profiling_from is None
+        and profile[0] <= self.step < profile[1]):
+      if self.step > profile[0]:
+        logging.info("--profile_steps=%d,%d began before step %d, where this run resumed: "
+                     "tracing steps %d-%d", *profile, self.step, self.step, profile[1])
       tf.profiler.experimental.start(trace_dir)
+      self.profiling_from = self.step
     call_start = time.time()
     self.steps.run(self.iterator, tf.constant(self.step, tf.int64),
                    tf.constant(until - self.step, tf.int64))
@@ -331,10 +341,11 @@ class Loop:
       self.state.timed_images.assign_add((until - self.step) * self.config.global_batch_size)
       self.state.timed_seconds.assign_add(time.time() - call_start)
     self.step = until
-    if profile and self.place.chief and self.step == profile[1]:
+    if self.profiling_from is not None and self.step == profile[1]:
       tf.profiler.experimental.stop()
-      logging.info("profiler trace of steps %d-%d written under %s", *profile,
-                   os.path.join(trace_dir, "plugins", "profile"))
+      logging.info("profiler trace of steps %d-%d written under %s", self.profiling_from,
+                   profile[1], os.path.join(trace_dir, "plugins", "profile"))
+      self.profiling_from = None
 
   def _log_interval(self, epoch_end: int) -> None:
     """Training metrics of the steps since the last log: TensorBoard and the console."""
