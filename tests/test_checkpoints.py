@@ -140,16 +140,31 @@ def test_a_failing_worker_removes_its_scratch_dir(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("which", ["latest", "best"])
-def test_eval_mode_writes_metrics(finished_run, which):
+def test_eval_mode_reproduces_what_the_run_measured_for_that_checkpoint(finished_run, which):
+  # latest: the final model, whose test metrics are metrics.json's; best: the epoch
+  # with the best evaluation accuracy in history.json (the first, on a tie).
   result = run_main(*TINY_FLAGS, "--mode=eval", f"--checkpoint={which}",
                     f"--model_dir={finished_run}")
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "test accuracy" in result.stdout
-  metrics = json.loads((finished_run / "eval.json").read_text())
-  assert 0.0 <= metrics["test_accuracy"] <= 1.0
-  assert metrics["examples"] == 32  # --eval_steps=2 x 16
+  evaluated = json.loads((finished_run / "eval.json").read_text())
+  assert f"test accuracy {evaluated['test_accuracy']:.4f}" in result.stdout
+  assert evaluated["examples"] == 32  # --eval_steps=2 x 16
+  run = json.loads((finished_run / "metrics.json").read_text())
   if which == "latest":
-    assert metrics["checkpoint"].endswith("checkpoints/ckpt-8")
+    step, measured = run["steps"], {k[len("test_"):]: run[k] for k in ("test_accuracy",
+                                                                        "test_loss")}
+  else:
+    best = max(run["history"], key=lambda h: h["test_accuracy"])  # max keeps the first
+    step, measured = best["step"], {"accuracy": best["test_accuracy"],
+                                    "loss": best["test_loss"]}
+  assert evaluated["checkpoint"].endswith(f"{which if which == 'best' else 'checkpoints'}"
+                                          f"/ckpt-{step}")
+  assert evaluated["step"] == step
+  # The same weights, images and batches in another process of this machine: the count
+  # of correct predictions is exact; the mean loss may round differently in its last
+  # float32 bits if oneDNN picks another kernel order (1e-6 is 8 ulps).
+  assert evaluated["test_accuracy"] == measured["accuracy"]
+  assert evaluated["test_loss"] == pytest.approx(measured["loss"], rel=1e-6)
 
 
 def test_eval_mode_with_flip_reports_it(finished_run):
