@@ -28,18 +28,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-flags.DEFINE_integer("depth", 20, "ResNet depth.")
-flags.DEFINE_boolean("plain", False, "Benchmark the plain twin.")
-flags.DEFINE_enum("stem", "cifar", ["cifar", "imagenet"], "Stem.")
-flags.DEFINE_integer("global_batch_size", 128, "Examples per step over all replicas.")
-flags.DEFINE_string("precision", "float32", "Keras dtype policy (or auto).")
-flags.DEFINE_string("jit_compile", "false", "auto, true or false.")
-flags.DEFINE_string("strategy", "default", "As trainer.main --strategy.")
-flags.DEFINE_integer("cpu_devices", 1, "Logical CPU devices (for --strategy=mirrored).")
-flags.DEFINE_integer("steps_per_execution", None, "Training steps per call (default: as "
-                     "trainer.main, 100 on GPUs and TPUs, 1 on CPU).")
-flags.DEFINE_enum("data_source", "synthetic", ["synthetic", "folder", "tfds"], "Data.")
-flags.DEFINE_string("data_dir", None, "Data dir for folder or tfds.")
+from trainer import flag_definitions  # noqa: E402
+
+# The trainer's flags (trainer/flag_definitions.py), with this script's defaults.
+flag_definitions.define(
+    "depth", "plain", "stem", "global_batch_size", "precision", "jit_compile", "strategy",
+    "cpu_devices", "steps_per_execution", "data_source", "data_dir",
+    defaults={"depth": 20, "precision": "float32", "jit_compile": "false",
+              "strategy": "default", "data_source": "synthetic"},
+    notes={"precision": "auto is float32 for the Keras baselines, the bare steps and the "
+                        "matmul peak."})
 flags.DEFINE_integer("window_steps", 10, "Steps per timed window.")
 flags.DEFINE_integer("windows", 3, "Timed windows (the median is reported).")
 flags.DEFINE_integer("warmup_windows", 1, "Windows run before timing.")

@@ -14,16 +14,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-flags.DEFINE_enum("data_source", "synthetic", ["synthetic", "folder", "tfds"],
-                  "Where the images come from (as trainer.main --data_source).")
-flags.DEFINE_string("data_dir", None, "The image folder (folder) or TFDS data dir (tfds).")
-flags.DEFINE_integer("global_batch_size", 128, "Examples per batch (one replica here).",
-                     lower_bound=1)
+from trainer import flag_definitions  # noqa: E402
+
+# The trainer's flags (trainer/flag_definitions.py), with this script's defaults.
+flag_definitions.define("data_source", "data_dir", "global_batch_size", "deterministic",
+                        defaults={"data_source": "synthetic"},
+                        notes={"global_batch_size": "One replica here."})
 flags.DEFINE_integer("num_batches", 1000, "Training batches per timed window.",
                      lower_bound=1)
 flags.DEFINE_integer("windows", 7, "Timed windows; the median is reported.", lower_bound=1)
 flags.DEFINE_integer("eval_passes", 5, "Timed passes over the test split.", lower_bound=0)
-flags.DEFINE_boolean("deterministic", False, "As trainer.main --deterministic.")
 flags.DEFINE_integer("seed", 0, "Seed of the pipeline and of the synthetic data.")
 FLAGS = flags.FLAGS
 

@@ -58,6 +58,7 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)  # `python scripts/X.py` puts scripts/, not the repo, on the path.
 
 from scripts import experiment  # noqa: E402
+from trainer import flag_definitions  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -74,20 +75,16 @@ flags.DEFINE_list("depths", "20,32,44,56", "Depths to train, each as plain and a
                   "101, 152. --quick: 20,56.")
 flags.DEFINE_string("output_dir", None, "Where the runs' model dirs, curves.csv, figure.png "
                     "and results.md go; rerunning with the same dir resumes the study.")
-flags.DEFINE_integer("epochs", None, "Epochs per run; default: the trainer's --recipe (fast: "
-                     "30). --quick: 3.", lower_bound=1)
-flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch; default: the whole "
-                     "training set. --quick: 40.", lower_bound=1)
-flags.DEFINE_integer("eval_steps", None, "Cap on evaluation batches; default: the whole test "
-                     "split. --quick: 10.", lower_bound=1)
-flags.DEFINE_integer("global_batch_size", 128, "Batch per step (the trainer scales the "
-                     "learning rate with it). --quick: 64.", lower_bound=1)
-flags.DEFINE_enum("data_source", None, ["tfds", "folder", "synthetic"], "The trainer's "
-                  "--data_source. Default: folder if --data_dir has a train/ sub-folder, tfds "
-                  "if --data_dir is given otherwise; without --data_dir: tfds, or synthetic "
-                  "with --quick.")
-flags.DEFINE_string("data_dir", None, "The trainer's --data_dir (TFDS data dir or image "
-                    "folder).")
+# The trainer's flags this script passes to every run (trainer/flag_definitions.py).
+flag_definitions.define(
+    "epochs", "steps_per_epoch", "eval_steps", "global_batch_size", "data_source", "data_dir",
+    defaults={"data_source": None},
+    notes={"epochs": "--quick: 3.", "steps_per_epoch": "--quick: 40.",
+           "eval_steps": "--quick: 10.",
+           "global_batch_size": "The trainer scales the learning rate with it. --quick: 64.",
+           "data_source": "Default here: folder if --data_dir has a train/ sub-folder, tfds "
+                          "if --data_dir is given otherwise; without --data_dir: tfds, or "
+                          "synthetic with --quick."})
 flags.DEFINE_boolean("quick", False, "Smoke-sized study, under 15 minutes on a 2-core CPU: "
                      "depths 20,56; 3 epochs x 40 steps of batch 64; 10 eval batches; "
                      "synthetic data unless --data_source/--data_dir are given. Explicit "

@@ -9,7 +9,7 @@ Worker 0 is the chief: it alone writes --model_dir. Each output line is prefixed
 [worker i]. When a worker fails, or on Ctrl-C, the others are stopped (SIGINT, then
 SIGKILL: a worker ignores SIGTERM, which TensorFlow takes as a preemption notice). The
 exit status is 0 when every worker succeeded, else that of the first one that failed.
-On real machines, set TF_CONFIG yourself (see README, "Distribution, precision and XLA").
+On real machines, set TF_CONFIG yourself (see docs/distribution.md).
 """
 
 import json

@@ -29,25 +29,12 @@ import keras  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from scripts import flops  # noqa: E402
-from trainer import resnet  # noqa: E402
+from trainer import flag_definitions, resnet  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-# Names, meanings and defaults as in trainer/main.py.
-flags.DEFINE_integer("depth", 50, "ResNet depth: 18, 34, 50, 101, 152 (ImageNet-style, "
-                     "He et al. Table 1) or any 6n+2 such as 20, 32, 44, 56, 110 (CIFAR "
-                     "family, He et al. Sec. 4.2).")
-flags.DEFINE_boolean("plain", False, "Summarise the plain twin: the same layers without "
-                     "any shortcut connection.")
-flags.DEFINE_enum("stem", "cifar", list(resnet.STEMS), "cifar: 3x3 stride-1 convolution; "
-                  "imagenet: 7x7 stride-2 convolution + 3x3 stride-2 max-pool.")
-flags.DEFINE_enum("shortcut", None, list(resnet.SHORTCUTS), "A: parameter-free (strided "
-                  "identity, zero-padded channels); B: 1x1 projection where the shape "
-                  "changes. Default: A for the CIFAR family, B for ImageNet-style depths.")
-flags.DEFINE_list("stage_sizes", None, "Blocks per stage, overriding the depth table, "
-                  "e.g. 3,4,6,3.")
-flags.DEFINE_list("stage_widths", None, "Filters per stage, overriding the depth table, "
-                  "e.g. 64,128,256,512.")
+# The trainer's flags of the architecture: the same names, meanings and defaults.
+flag_definitions.define("depth", "plain", "stem", "shortcut", "stage_sizes", "stage_widths")
 flags.DEFINE_boolean("all", False, "One table row per depth of the table (ImageNet-style "
                      "18-152 and CIFAR 20, 32, 44, 56, 110, 1202), residual and plain; "
                      "the last line is a JSON list with one object per network. Takes a "

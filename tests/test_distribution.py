@@ -446,7 +446,7 @@ def test_bad_distribution_settings_fail_clearly_and_write_nothing(error_runs, ca
 def test_a_worker_whose_peer_never_comes_up_fails_in_bounded_time(error_runs, index):
   run, model_dir = error_runs[f"peer_never_up_{index}"]
   stderr = run.stderr
-  # The watchdog's SIGKILL: what a shell reports as exit status 137 (README).
+  # The watchdog's SIGKILL: what a shell reports as exit status 137 (docs/distribution.md).
   assert run.returncode == -signal.SIGKILL, stderr[-3000:]
   assert (f"error: multi_worker task worker:{index} could not reach all of its 1 peer(s) "
           f"within --peer_timeout_seconds={PEER_TIMEOUT}") in stderr, stderr[-3000:]

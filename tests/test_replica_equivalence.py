@@ -1,6 +1,6 @@
 """N replicas on M workers compute what one device computes: the same global batch gives
 the same weights, optimizer slots, moving averages and logged metrics, up to float
-rounding, for every recipe and precision (README, "Distribution")."""
+rounding, for every recipe and precision (docs/distribution.md)."""
 
 import json
 import pathlib

@@ -37,7 +37,7 @@ class Config:
   data_dir: str | None = None
   deterministic: bool = False
   # Recipe and schedule (defaults: the "fast" recipe). Epochs are converted to steps once,
-  # in trainer.train.make_schedule; epochs=None means the he2016 paper length.
+  # in trainer.schedule.make_plan; epochs=None means the he2016 paper length.
   recipe: str = "fast"
   epochs: int | None = 30
   steps_per_epoch: int | None = None

@@ -15,121 +15,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 
 from trainer import config as config_lib  # noqa: E402
-from trainer import errors, run_files, stop  # noqa: E402
+from trainer import errors, flag_definitions, run_files, stop  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_enum("mode", "train", list(config_lib.MODES),
-                  "train: train with per-epoch evaluation (resumes from --model_dir); "
-                  "eval: evaluate a checkpoint on the test split; export: write a "
-                  "SavedModel and a .keras file.")
-# Model.
-flags.DEFINE_integer("depth", 50, "ResNet depth: 18, 34, 50, 101, 152 (ImageNet-style, "
-                     "He et al. Table 1) or any 6n+2 such as 20, 32, 44, 56, 110 (CIFAR "
-                     "family, He et al. Sec. 4.2).")
-flags.DEFINE_boolean("plain", False, "Build the plain twin: the same layers without any "
-                     "shortcut connection.")
-flags.DEFINE_enum("stem", "cifar", ["cifar", "imagenet"], "cifar: 3x3 stride-1 convolution; "
-                  "imagenet: 7x7 stride-2 convolution + 3x3 stride-2 max-pool.")
-flags.DEFINE_enum("shortcut", None, ["A", "B"], "A: parameter-free (strided identity, "
-                  "zero-padded channels); B: 1x1 projection where the shape changes. "
-                  "Default: A for the CIFAR family, B for ImageNet-style depths.")
-flags.DEFINE_list("stage_sizes", None, "Blocks per stage, overriding the depth table, "
-                  "e.g. 3,4,6,3.")
-flags.DEFINE_list("stage_widths", None, "Filters per stage, overriding the depth table, "
-                  "e.g. 64,128,256,512.")
-flags.DEFINE_float("bn_momentum", None, "Batch-norm moving-average momentum (default: from "
-                   "--recipe; Keras's own default is 0.99).")
-flags.DEFINE_boolean("zero_init_residual", False, "Start the last batch-norm gamma of each "
-                     "residual branch at zero.")
-# Data.
-flags.DEFINE_enum("data_source", "tfds", list(config_lib.DATA_SOURCES),
-                  "tfds: tensorflow-datasets cifar10; folder: DATA_DIR/train/<class>/*.png|jpg "
-                  "and DATA_DIR/test/<class>/...; synthetic: random images.")
-flags.DEFINE_string("data_dir", None, "The TFDS data dir (tfds) or the image folder "
-                    "(folder).")
-flags.DEFINE_boolean("deterministic", False, "Same data order and augmentation on every run "
-                     "(and after a resume), and deterministic TensorFlow ops.")
-# Recipe and schedule. Flags marked "recipe" default to --recipe's value.
-flags.DEFINE_enum("recipe", "fast", list(config_lib.RECIPE_NAMES),
-                  "fast: warm-up + cosine, Nesterov, label smoothing 0.1, 30 epochs; he2016: "
-                  "He et al. Sec. 4.2 (0.1, /10 at 32k and 48k iterations, 64k iterations, "
-                  "weight decay 1e-4); blog: the origin blog post (SGD 0.01, clipnorm 1.0, "
-                  "20 epochs). Every part stays overridable by its own flag.")
-flags.DEFINE_integer("epochs", None, "Training epochs (recipe; he2016: 64k iterations).",
-                     lower_bound=1)
-flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch (smoke runs); default: "
-                     "the whole training set.", lower_bound=1)
-flags.DEFINE_integer("eval_steps", None, "Cap on evaluation steps; default: the whole test "
-                     "split.", lower_bound=1)
-flags.DEFINE_integer("global_batch_size", 128, "Examples per step over all replicas.",
-                     lower_bound=1)
-flags.DEFINE_float("learning_rate", None, "Peak learning rate for a global batch of 128, "
-                   "scaled linearly with --global_batch_size (recipe).")
-flags.DEFINE_enum("lr_schedule", None, list(config_lib.LR_SCHEDULES),
-                  "cosine: linear warm-up then cosine decay to 0; he2016: /10 at 50% and 75% "
-                  "of training (recipe).")
-flags.DEFINE_float("warmup_epochs", None, "Linear learning-rate warm-up (recipe).")
-flags.DEFINE_float("momentum", None, "SGD momentum, 0 for plain SGD (recipe).")
-flags.DEFINE_boolean("nesterov", None, "Nesterov momentum (recipe).")
-flags.DEFINE_float("weight_decay", None, "L2 weight decay on convolution and dense kernels, "
-                   "never on batch-norm parameters or biases (recipe).")
-flags.DEFINE_float("label_smoothing", None, "Label smoothing (recipe).")
-flags.DEFINE_float("clipnorm", None, "Clip each gradient to this norm (recipe; blog: 1.0).")
-flags.DEFINE_float("ema_decay", 0.0, "Also evaluate an exponential moving average of the "
-                   "weights with this decay, e.g. 0.999 (0: off).")
-flags.DEFINE_boolean("eval_flip", False, "Also evaluate with left-right flip test-time "
-                     "augmentation (reported separately).")
-flags.DEFINE_integer("validation_split", 0, "Hold out this many training images for the "
-                     "per-epoch evaluation (he2016 protocol: 5000); the test split is then "
-                     "evaluated once, at the end.", lower_bound=0)
-# Hardware.
-flags.DEFINE_enum("strategy", "auto", list(config_lib.STRATEGIES),
-                  "auto: multi_worker under TF_CONFIG or a multi-task Slurm step (srun), "
-                  "else mirrored over 2+ GPUs, one_device on one GPU, default on CPU.")
-flags.DEFINE_integer("num_gpus", None, "--strategy=mirrored: use this many local GPUs "
-                     "(default: all).", lower_bound=1)
-flags.DEFINE_string("tpu", None, "--strategy=tpu: the TPU name or grpc:// address, or "
-                    "'local'.")
-flags.DEFINE_enum("all_reduce", "auto", list(config_lib.ALL_REDUCE),
-                  "Cross-device reduction. mirrored: auto = NCCL on GPUs, "
-                  "reduction_to_one_device on CPUs; multi_worker: auto, nccl or ring.")
-flags.DEFINE_integer("peer_timeout_seconds", 300, "multi_worker: fail with a clear message "
-                     "when the peers cannot be reached within this time.", lower_bound=1)
-flags.DEFINE_boolean("sync_batch_norm", False, "Batch-norm statistics over all replicas "
-                     "(for small per-replica batches).")
-flags.DEFINE_integer("cpu_devices", 1, "Split the CPU into this many logical devices, to "
-                     "try --strategy=mirrored without GPUs.", lower_bound=1)
-flags.DEFINE_enum("precision", "auto", list(config_lib.PRECISIONS),
-                  "auto: mixed_bfloat16 on GPUs of compute capability 8+, mixed_float16 on "
-                  "7.x, float32 on CPU.")
-flags.DEFINE_enum("jit_compile", "auto", list(config_lib.JIT_COMPILE),
-                  "XLA for the per-replica step; auto: on for GPUs, off on CPU.")
-flags.DEFINE_integer("steps_per_execution", None, "Training steps per call into TensorFlow "
-                     "(fewer host round-trips; calls still end at every log, checkpoint and "
-                     "epoch boundary). Default: 100 on GPUs and TPUs, 1 on CPU.",
-                     lower_bound=1)
-# Output.
-flags.DEFINE_string("model_dir", "runs/resnet", "Where checkpoints, TensorBoard events, "
-                    "config.json and metrics.json go; rerunning with the same dir resumes.")
-flags.DEFINE_boolean("overwrite", False, "Delete the run in --model_dir (checkpoints, logs, "
-                     "metrics) and start afresh, e.g. after changing the architecture.")
-flags.DEFINE_string("checkpoint", None, "--mode=eval/export: 'latest', 'best' or a "
-                    "checkpoint path prefix (default: latest; export of a run with "
-                    "--validation_split: best, i.e. the best by validation accuracy).")
-flags.DEFINE_string("export_dir", None, "--mode=export: where to write (default: "
-                    "MODEL_DIR/export).")
-flags.DEFINE_list("profile_steps", None, "START,END: write a profiler trace of these "
-                  "training steps (view it in TensorBoard's Profile tab).")
-flags.DEFINE_integer("log_every_steps", 100, "Console and TensorBoard training metrics every "
-                     "N steps.", lower_bound=1)
-flags.DEFINE_integer("checkpoint_every_steps", 1000, "Checkpoint every N steps (and at every "
-                     "epoch end).", lower_bound=1)
-flags.DEFINE_integer("keep_checkpoints", 3, "Rolling checkpoints kept.", lower_bound=1)
-flags.DEFINE_boolean("tf_logs", False, "Show TensorFlow's C++ start-up and device messages "
-                     "(hidden by default).")
-flags.DEFINE_integer("seed", 0, "Seed of the initial weights, data order, augmentation and "
-                     "synthetic data.")
+# Every flag, defined once in trainer/flag_definitions.py (some scripts share them).
+flag_definitions.define()
 
 _INT_TUPLES = ("stage_sizes", "stage_widths", "profile_steps")
 
@@ -347,7 +238,7 @@ Exit codes: 0 done, 1 diverged or a peer lost, 2 bad settings, data or run dir,
 
 
 def _help_text() -> str:
-  """USAGE, then the flags grouped as README's table groups them."""
+  """USAGE, then the flags grouped as docs/flags.md groups them (console.SETTING_GROUPS)."""
   from trainer import console
   groups = {**console.SETTING_GROUPS, "output": ("tf_logs",)}
   lines = [USAGE]
@@ -359,7 +250,7 @@ def _help_text() -> str:
       lines.append(f"  --{name}{default}")
       lines += textwrap.wrap(flag.help, 88, initial_indent="      ",
                              subsequent_indent="      ")
-  lines.append("\n--helpfull lists every flag, TensorFlow's and absl's too.")
+  lines.append("\n--helpfull also lists absl's own flags (logging, flagfile).")
   return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ class TrainSteps:
   Every replica computes what one device would: the gradients are summed over the global
   batch once, before anything looks at them, so clipping, the loss-scale decision, the
   gradient norms and the NaN guard see the global gradient and decide alike on every
-  replica and worker (README, "Distribution").
+  replica and worker (docs/distribution.md).
   """
 
   def __init__(self, config: Config, strategy: tf.distribute.Strategy, state: State,

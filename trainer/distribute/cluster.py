@@ -27,7 +27,7 @@ DEFAULT_PORT_BASE = 8888
 _SLURM_STEP_VARIABLES = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST",
                          "SLURM_STEP_TASKS_PER_NODE")
 _SRUN_HINT = ("start every task with `srun python -m trainer.main --strategy=multi_worker "
-              "...` inside the job (see README, \"Distribution, precision and XLA\") or set "
+              "...` inside the job (see docs/distribution.md) or set "
               "TF_CONFIG; to train in this process alone, pass --strategy=mirrored, "
               "one_device or default")
 
