@@ -15,7 +15,7 @@ import tensorflow as tf
 from trainer import config as config_lib
 from trainer import errors, run_dir, steps, train
 
-from conftest import REPO
+from conftest import REPO, skip_unless_cpu_runs
 from conftest import run_main as trainer
 
 TINY = ["--depth=8", "--data_source=synthetic", "--global_batch_size=16", "--eval_steps=2"]
@@ -261,6 +261,8 @@ def test_flag_errors_use_the_trainers_format(tmp_path, flag, needle):
 ])
 def test_resuming_with_settings_that_change_the_variables_is_refused(finished_run, tmp_path,
                                                                      flag, needle):
+  if flag.startswith("--precision="):
+    skip_unless_cpu_runs(flag.split("=")[1])  # else refused for the CPU, not the run dir
   model_dir = copy_run(finished_run, tmp_path / "run")
   result = trainer(*TINY, "--steps_per_epoch=3", "--epochs=3", flag, f"--model_dir={model_dir}")
   assert_user_error(result, "holds a run with different settings", needle)
