@@ -214,6 +214,35 @@ def test_a_signal_while_importing_tensorflow_exits_with_a_message(
   assert error in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("wrapped, code, error", [
+    ("Terminated", 143, "error: terminated (SIGTERM); checkpoints in "),
+    ("KeyboardInterrupt", 130, "error: interrupted; checkpoints in "),
+])
+def test_a_stop_signal_wrapped_by_a_tensorflow_call_still_exits_as_a_stop(
+    tmp_path, wrapped, code, error):
+  # A signal raised inside a pybind11 call (seen under Slurm while TensorFlow joined the
+  # cluster) arrives as a RuntimeError; it was a traceback and exit 1.
+  model_dir = tmp_path / "run"
+  script = f"""
+import runpy, sys
+from trainer import train
+def joining(*args, **kwargs):
+  raise RuntimeError("pybind11::error_already_set: MISMATCH of original and normalized "
+                     "active exception types: ORIGINAL UnavailableError REPLACED BY "
+                     "{wrapped}: ")
+train.train_and_evaluate = joining
+sys.argv = ["main", *{TINY_FLAGS!r}, "--model_dir={model_dir}"]
+runpy.run_module("trainer.main", run_name="__main__", alter_sys=True)
+"""
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == code, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(error) and last.endswith(
+      "are intact: rerun the same command to resume from the last one"), last
+
+
 @pytest.mark.parametrize("signum, code, notice, error", [
     (signal.SIGINT, 130, "interrupt received: stopping", "error: interrupted; saved "),
     (signal.SIGTERM, 143, "SIGTERM received: stopping", "error: terminated (SIGTERM); saved "),

@@ -6,6 +6,8 @@ train, eval or export -> exit code.
 
 import contextlib
 import os
+import re
+import signal
 import sys
 import textwrap
 
@@ -72,6 +74,19 @@ def _stop(handler: stop.SignalHandler, signum: int, message: str) -> None:
   handler.announced.wait(timeout=1.0)
   reason, code = stop.STOPS[signum]
   _fail(f"{reason}{message}", code=code)
+
+
+def _stop_signal(e: BaseException) -> int | None:
+  """The signal behind a stop: a KeyboardInterrupt (or stop.Terminated), also when it was
+  raised inside a pybind11 call, which wraps it (seen while TensorFlow joined a cluster:
+  "RuntimeError: pybind11::error_already_set: MISMATCH ... UnavailableError REPLACED BY
+  Terminated"). None for any other error."""
+  if isinstance(e, KeyboardInterrupt):
+    return stop.signal_of(e)
+  wrapped = re.search(r"REPLACED BY (Terminated|KeyboardInterrupt)\b", str(e))
+  if wrapped is None:
+    return None
+  return signal.SIGTERM if wrapped.group(1) == "Terminated" else signal.SIGINT
 
 
 def _root_cause(message: str) -> str:
@@ -206,13 +221,16 @@ def main(argv):
       _stop(handler, e.signum, " before the first step; no checkpoint was written")
     _stop(handler, e.signum, f"; saved {e.checkpoint} (step {e.step}): rerun the same "
           "command to resume from it")
-  except KeyboardInterrupt as e:
+  except (KeyboardInterrupt, RuntimeError) as e:
     # Raised where no training loop listens (set-up, --mode=eval, multi-worker, the last
     # writes), wherever it landed, so nothing is saved here; checkpoints are written
     # atomically, so the last one is intact.
+    signum = _stop_signal(e)
+    if signum is None:
+      raise
     where = os.path.join(config.model_dir, run_files.CHECKPOINT_SUBDIR)
-    _stop(handler, stop.signal_of(e), f"; checkpoints in {where} are intact: rerun the "
-          "same command to resume from the last one")
+    _stop(handler, signum, f"; checkpoints in {where} are intact: rerun the same command "
+          "to resume from the last one")
   except (tf.errors.UnavailableError, tf.errors.AbortedError,
           tf.errors.DeadlineExceededError) as e:
     from trainer import distribute
