@@ -278,6 +278,51 @@ def load_run(model_dir: str, *, events_fallback: bool = True) -> Run:
              read_metrics(model_dir))
 
 
+def load_curves_csv(path: str) -> list[Run]:
+  """The runs of a curves.csv this project wrote (e.g. results/*.csv), for runs whose
+  model dirs are gone. A csv holds no plan, so each run is taken as ended at its last
+  epoch (its config: depth, plain and that epoch count only).
+
+  Raises:
+    RunError: when the file is missing or its header is not CSV_COLUMNS'.
+  """
+  try:
+    with open(path, newline="") as f:
+      reader = csv.DictReader(f)
+      rows = list(reader)
+      header = tuple(reader.fieldnames or ())
+  except (OSError, UnicodeDecodeError, csv.Error) as e:
+    raise RunError(f"{path}: cannot read it ({e})") from None
+  if header != CSV_COLUMNS:
+    raise RunError(f"{path}: not a curves.csv (its columns are {', '.join(header) or 'none'}, "
+                   f"not {', '.join(CSV_COLUMNS)})")
+  by_run: dict[str, list[dict]] = collections.defaultdict(list)
+  for row in rows:
+    by_run[row["run"]].append(row)
+  runs = []
+  for name, run_rows in by_run.items():
+    try:
+      history = sorted((_history_entry(row) for row in run_rows), key=lambda h: h["step"])
+      config = {"depth": int(run_rows[0]["depth"]), "plain": run_rows[0]["kind"] == PLAIN,
+                "epochs": history[-1]["epoch"]}
+    except (KeyError, ValueError) as e:
+      raise RunError(f"{path}: run {name}: a malformed row ({e})") from None
+    runs.append(Run(name, f"{path}#{name}", config, tuple(history), os.path.basename(path)))
+  if not runs:
+    raise RunError(f"{path}: no rows")
+  return runs
+
+
+def _history_entry(row: dict) -> dict:
+  """A curves.csv row as a history.json entry (errors back to accuracies)."""
+  split = row["eval_split"]
+  return {"epoch": float(row["epoch"]), "step": int(row["step"]),
+          "train_loss": float(row["train_loss"]),
+          "train_accuracy": 1.0 - float(row["train_error"]) / 100.0,
+          f"{split}_loss": float(row["test_loss"]),
+          f"{split}_accuracy": 1.0 - float(row["test_error"]) / 100.0}
+
+
 def curve_rows(runs: Iterable[Run]) -> list[dict]:
   """One row per run per epoch, with errors in percent; the rows of curves.csv."""
   rows = []

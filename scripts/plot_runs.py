@@ -4,7 +4,9 @@ as the origin blog post's loss-and-accuracy figure (--style=blog), without retra
 
 Each RUN_DIR is a trainer --model_dir (its config.json gives depth and plain; its per-epoch
 curves come from history.json, or from the TensorBoard epoch_* tags when history.json is
-missing), or a folder of such dirs, e.g. a compare_plain_residual.py --output_dir.
+missing), or a folder of such dirs, e.g. a compare_plain_residual.py --output_dir, or a
+curves.csv this project wrote (e.g. results/*.csv): its runs stand for model dirs that
+are gone, each taken as ended at its last epoch.
 """
 
 import os
@@ -50,7 +52,8 @@ def expand_run_dirs(paths: list[str]) -> list[str]:
 
 def main(argv):
   if len(argv) < 2:
-    print("error: give one or more RUN_DIRs (trainer model dirs, or folders of them)",
+    print("error: give one or more RUN_DIRs (trainer model dirs, folders of them, or "
+          "curves.csv files)",
           file=sys.stderr)
     sys.exit(2)
   if FLAGS.style == "blog" and FLAGS.x_axis != "epoch":
@@ -59,19 +62,21 @@ def main(argv):
           file=sys.stderr)
     sys.exit(2)
   runs, problems = [], []
-  for model_dir in expand_run_dirs(argv[1:]):
+  for source in expand_run_dirs(argv[1:]):
     try:
-      run = experiment.load_run(model_dir)
+      loaded = (experiment.load_curves_csv(source) if source.endswith(".csv")
+                else [experiment.load_run(source)])
     except experiment.RunError as e:
       problems.append(str(e))
       print(f"skipping: {e}", file=sys.stderr)
       continue
-    runs.append(run)
-    state = "finished" if run.finished else experiment.progress(run)
-    # None: a --validation_split run measures its test error only when it finishes.
-    final = "-" if run.final_test_error is None else f"{run.final_test_error:.2f}%"
-    print(f"{run.label}: {model_dir} ({state}; curves from {run.history_source}), final "
-          f"test error {final}")
+    for run in loaded:
+      runs.append(run)
+      state = "finished" if run.finished else experiment.progress(run)
+      # None: a --validation_split run measures its test error only when it finishes.
+      final = "-" if run.final_test_error is None else f"{run.final_test_error:.2f}%"
+      print(f"{run.label}: {run.model_dir} ({state}; curves from {run.history_source}), "
+            f"final test error {final}")
   if not runs:
     print("error: no run to plot", file=sys.stderr)
     sys.exit(1)

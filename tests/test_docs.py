@@ -156,7 +156,7 @@ def documented_commands() -> list[tuple[str, str]]:
 # Not run here, and why.
 NOT_RUN = [
     (r"^make train", "trains ResNet-20 for 30 epochs on all of CIFAR-10: hours on a CPU"),
-    (r"^make test", "the whole test suite (about 12 minutes; it runs this module too)"),
+    (r"^make test", "the whole test suite (about 15-20 minutes; it runs this module too)"),
     (r"cifar10-jpeg|--data_dir=DIR", "reads the 60,000-image CIFAR-10 copy (or a "
      "placeholder DIR) and trains on it for hours"),
     (r"^tensorboard ", "a web server that runs until it is stopped"),
@@ -166,7 +166,7 @@ NOT_RUN = [
     (r"^sbatch |scripts/slurm/local_cluster\.sh|^export SLURM_CONF=",
      "needs a Slurm cluster (root to start the local one): tests/test_slurm_real.py runs "
      "them on scripts/slurm/local_cluster.sh's"),
-    (r"scripts/plot_runs\.py runs/study", "needs a finished study in runs/study"),
+    (r"scripts/plot_runs\.py .*runs/study", "needs a finished study in runs/study"),
     (r"scripts/model_summary\.py --all", "builds every network, ResNet-1202 and ResNet-152 "
      "among them: minutes"),
 ]

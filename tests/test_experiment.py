@@ -118,6 +118,34 @@ def test_plot_runs_from_history_and_from_event_files(study, tmp_path):
   assert "| 8 |" in (tmp_path / "results.md").read_text()
 
 
+def test_plot_runs_draws_runs_from_a_curves_csv_beside_run_dirs(study, tmp_path):
+  # For runs whose model dirs are gone: their curves.csv rows stand in for them.
+  out, _ = study
+  original = read_csv(out / "curves.csv")
+  resnet_only = tmp_path / "resnet.csv"
+  with open(resnet_only, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=experiment.CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(row for row in original if row["kind"] == "residual")
+  figure, curves = tmp_path / "figure.png", tmp_path / "curves.csv"
+  result = run_script("plot_runs.py", resnet_only, out / "plain-8", f"--output={figure}",
+                      f"--csv={curves}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"ResNet-8: {resnet_only}#resnet-8 (finished; curves from resnet.csv)" in result.stdout
+  assert matplotlib.image.imread(figure).shape[0] > 100
+  rebuilt = sorted(read_csv(curves), key=lambda r: (r["kind"], float(r["step"])))
+  assert len(rebuilt) == len(original)
+  for a, b in zip(sorted(original, key=lambda r: (r["kind"], float(r["step"]))), rebuilt):
+    assert (a["run"], a["kind"], a["epoch"], a["step"]) == (
+        b["run"], b["kind"], b["epoch"], b["step"])
+    for key in ("train_error", "test_error", "train_loss", "test_loss"):
+      assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-4)
+  (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+  result = run_script("plot_runs.py", tmp_path / "bad.csv", f"--output={figure}")
+  assert result.returncode == 1
+  assert "bad.csv: not a curves.csv (its columns are a, b" in result.stderr
+
+
 def test_failed_runs_are_reported_and_outputs_still_written(tmp_path):
   result = run_script("compare_plain_residual.py", "--depths=8", "--data_source=folder",
                       f"--data_dir={tmp_path / 'missing'}", "--epochs=1", "--parallel=2",
