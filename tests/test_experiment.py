@@ -66,7 +66,7 @@ def test_study_writes_runs_curves_figure_and_table(study):
   results = (out / "results.md").read_text()
   assert "| depth | plain final test | plain best test | ResNet final test" in results
   table_rows = [line for line in results.splitlines() if line.startswith("| 8 |")]
-  assert len(table_rows) == 1 and table_rows[0].count("|") == 9
+  assert len(table_rows) == 1 and table_rows[0].count("|") == 10
   # The per-run table: finished runs give their wall time from metrics.json.
   for label in ("plain-8", "ResNet-8"):
     (row,) = [line for line in results.splitlines() if line.startswith(f"| {label} |")]
@@ -176,6 +176,8 @@ def test_results_table_gap_and_depth_trends():
   text = experiment.results_markdown(runs, command="python x.py")
   assert "| 20 | 9.00 | 9.00 | 8.50 | 8.50 | 0.50 |" in text
   assert "| 56 | 13.00 | 13.00 | 7.50 | 7.00 | 5.50 |" in text
+  # He et al.'s Table 6 beside each depth.
+  assert text.count("| 8.75 |") == 1 and "| 6.97 |" in text
   assert "Plain nets worse with depth (20 to 56 layers)? **yes**" in text
   assert "ResNets better with depth (20 to 56 layers)? **yes**" in text
   assert "ResNet-56 (3/4 epochs)" in text
@@ -300,9 +302,9 @@ def test_results_table_per_run_accuracies_and_wall_time():
   # runs[1] finished without metrics.json (stopped before writing it); runs[2] unfinished.
   text = experiment.results_markdown(runs)
   # The depth table keeps its columns.
-  assert "| 34 | 50.00 | 50.00 | 40.00 | 40.00 | 10.00 | 49.00 | 39.00 |" in text
-  assert ("| run | final test accuracy | best test accuracy | final train accuracy "
-          "| final train error | wall time |") in text
+  assert "| 34 | 50.00 | 50.00 | 40.00 | 40.00 | 10.00 | 49.00 | 39.00 | - |" in text
+  assert ("| run | final test accuracy | best test accuracy (test-selected) "
+          "| final train accuracy | final train error | wall time |") in text
   # final and best test accuracy, final training accuracy and error (_run: test error - 1).
   assert "| plain-34 | 50.00 | 50.00 | 51.00 | 49.00 | 53 min 10 s |" in text
   assert "| ResNet-34 | 60.00 | 60.00 | 61.00 | 39.00 | - (no metrics.json) |" in text
