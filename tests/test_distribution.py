@@ -63,6 +63,17 @@ def test_auto_on_a_cpu_only_machine_is_the_default_strategy():
   assert distribute.make_strategy("auto") is tf.distribute.get_strategy()
 
 
+def test_cpu_devices_that_the_strategy_does_not_use_are_warned_about(tmp_path):
+  # --strategy=auto on a CPU is the default strategy: one replica, whatever --cpu_devices.
+  for strategy, warned in (("auto", True), ("mirrored", False)):
+    result = run_main(*TINY_FLAGS, "--epochs=1", "--steps_per_epoch=1", "--cpu_devices=2",
+                      f"--strategy={strategy}", f"--model_dir={tmp_path / strategy}",
+                      timeout=RUN_TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("warning: --cpu_devices=2 has no effect here: _DefaultDistributionStrategy "
+            "trains on 1 replica(s)" in result.stderr) == warned, result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("all_reduce, expected", [
     ("auto", tf.distribute.ReductionToOneDevice),
     ("reduction_to_one_device", tf.distribute.ReductionToOneDevice),

@@ -171,6 +171,19 @@ def _train(config: config_lib.Config, strategy, handler: stop.SignalHandler) -> 
           f"{metrics['images_per_second'] or float('nan'):.1f} training images/s; {where}")
 
 
+def _check_cpu_devices_used(cpu_devices: int, strategy) -> None:
+  """Warns when --cpu_devices split the CPU for nothing: only MirroredStrategy on a machine
+  without GPUs trains on the logical CPUs (default, one_device, multi_worker and GPUs do
+  not), which a user asking for N of them would otherwise not learn."""
+  import tensorflow as tf
+  if cpu_devices > 1 and not (isinstance(strategy, tf.distribute.MirroredStrategy)
+                              and strategy.num_replicas_in_sync == cpu_devices):
+    logging.warning("--cpu_devices=%d has no effect here: %s trains on %d replica(s); "
+                    "only --strategy=mirrored on a machine without GPUs trains on "
+                    "the logical CPUs", cpu_devices, type(strategy).__name__,
+                    strategy.num_replicas_in_sync)
+
+
 def _run(config: config_lib.Config, handler: stop.SignalHandler) -> str:
   """Runs the mode; returns the line that reports its result."""
   from trainer import console, distribute
@@ -189,6 +202,7 @@ def _run(config: config_lib.Config, handler: stop.SignalHandler) -> str:
   # handler (a preemption notifier this trainer does not use), which swallows the signal
   # and lets training run on until the scheduler's SIGKILL; take it back.
   handler.take_sigterm()
+  _check_cpu_devices_used(config.cpu_devices, strategy)
   if log_file is not None and not distribute.is_chief(strategy):
     console.detach(log_file)  # Only the chief writes into --model_dir.
   if config.mode == "eval":
