@@ -263,27 +263,36 @@ def test_saved_model_cli_runs_the_default_signature_on_uint8_images(exported, tr
   assert [n.decode() for n in names] == [CLASSES[i] for i in logits.argmax(axis=-1)]
 
 
-def test_export_that_does_not_reproduce_its_logits_fails_and_leaves_nothing(trained_run,
-                                                                             tmp_path):
-  export_dir = tmp_path / "export"
-  # The .keras file "loads back" with other logits: verification must catch it.
+def refused_export(patch: str, model_dir: pathlib.Path,
+                   export_dir: pathlib.Path) -> subprocess.CompletedProcess:
+  """--mode=export in a fresh process after `patch` (code that breaks trainer.export);
+  asserts that it fails as a user error: exit code 2, no traceback."""
   code = f"""
 import runpy, sys
 from trainer import export
-reloaded_outputs = export._reloaded_outputs
-def corrupted(directory, images):
-  outputs = reloaded_outputs(directory, images)
-  outputs["logits"][export.KERAS_FILE] = outputs["logits"][export.KERAS_FILE] + 0.01
-  return outputs
-export._reloaded_outputs = corrupted
-sys.argv = ["main", "--mode=export", "--depth=8", "--model_dir={trained_run}",
-            "--export_dir={export_dir}"]
+{patch}
+sys.argv = ["main", "--mode=export", "--model_dir={model_dir}", "--export_dir={export_dir}"]
 runpy.run_module("trainer.main", run_name="__main__", alter_sys=True)
 """
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environment(),
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 2, result.stderr[-3000:]
   assert "Traceback" not in result.stderr
+  return result
+
+
+def test_export_that_does_not_reproduce_its_logits_fails_and_leaves_nothing(trained_run,
+                                                                             tmp_path):
+  export_dir = tmp_path / "export"
+  # The .keras file "loads back" with other logits: verification must catch it.
+  result = refused_export("""
+reloaded_outputs = export._reloaded_outputs
+def corrupted(directory, images):
+  outputs = reloaded_outputs(directory, images)
+  outputs["logits"][export.KERAS_FILE] = outputs["logits"][export.KERAS_FILE] + 0.01
+  return outputs
+export._reloaded_outputs = corrupted
+""", trained_run, export_dir)
   assert re.search(r"^error: the exported model\.keras does not reproduce the checkpoint: "
                    r"its logits differ by 0\.01 \(tolerance [0-9.e-]+: 0\.0001 of the largest "
                    r"logit, [0-9.]+\); nothing was exported",
@@ -296,21 +305,13 @@ def test_export_that_tf_serving_could_not_load_fails_and_leaves_nothing(trained_
   # Without the tf.Variables tracked, tf.saved_model.load still works but TF Serving's
   # loader (a TF1 session) finds them uninitialised: verification must catch it.
   export_dir = tmp_path / "export"
-  code = f"""
-import runpy, sys
-from trainer import export
+  result = refused_export("""
 init = export._Serving.__init__
 def untracked(self, *args):
   init(self, *args)
   del self.model_variables
 export._Serving.__init__ = untracked
-sys.argv = ["main", "--mode=export", "--model_dir={trained_run}", "--export_dir={export_dir}"]
-runpy.run_module("trainer.main", run_name="__main__", alter_sys=True)
-"""
-  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environment(),
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 2, result.stderr[-3000:]
-  assert "Traceback" not in result.stderr
+""", trained_run, export_dir)
   assert re.search(r"^error: the exported SavedModel's serving_default fails as TF Serving "
                    r"loads it \(FailedPreconditionError: .*Could not find variable .*\); "
                    r"nothing was exported", result.stderr, re.MULTILINE), result.stderr[-3000:]
