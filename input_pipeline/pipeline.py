@@ -181,12 +181,7 @@ def train_pipeline(dataset: tf.data.Dataset, *, per_replica_batch_size: int, see
   pipeline_id, pipelines, replicas_fed = _pipeline_position(input_context)
   num_examples = _num_examples(dataset)
   batch_size = per_replica_batch_size
-  global_batch_size = batch_size * replicas_fed * pipelines
-  steps_per_epoch = num_examples // global_batch_size
-  if steps_per_epoch < 1:
-    raise ValueError(f"per_replica_batch_size={batch_size} over {replicas_fed * pipelines} "
-                     f"replica(s) makes a global batch of {global_batch_size}, larger than "
-                     f"the {num_examples} examples")
+  steps_per_epoch = _global_steps_per_epoch(num_examples, batch_size, replicas_fed * pipelines)
   batches_per_chunk = max(1, CHUNK_IMAGES // batch_size)
   first_batch = start_step * replicas_fed if deterministic else 0
   first_chunk, skip_batches = divmod(first_batch, batches_per_chunk)
@@ -205,6 +200,21 @@ def train_pipeline(dataset: tf.data.Dataset, *, per_replica_batch_size: int, see
   if skip_batches:
     dataset = dataset.skip(skip_batches)
   return dataset.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic))
+
+
+def _global_steps_per_epoch(num_examples: int, per_replica_batch_size: int,
+                            replicas: int) -> int:
+  """Whole global batches in an epoch (the last incomplete one is dropped).
+
+  Raises:
+    ValueError: when there is not one.
+  """
+  global_batch_size = per_replica_batch_size * replicas
+  if num_examples < global_batch_size:
+    raise ValueError(f"per_replica_batch_size={per_replica_batch_size} over {replicas} "
+                     f"replica(s) makes a global batch of {global_batch_size}, larger than "
+                     f"the {num_examples} examples")
+  return num_examples // global_batch_size
 
 
 def _in_memory(dataset: tf.data.Dataset, num_examples: int) -> tf.data.Dataset:

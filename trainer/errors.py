@@ -1,5 +1,6 @@
 """The trainer's user-facing errors: trainer/main.py turns any UserError into `error: ...`
-on stderr and exit code 2; everything else is a bug or a training failure."""
+on stderr and exit code 2; everything else is a bug or a training failure. And
+root_cause, the line of a TensorFlow error that such messages quote."""
 
 
 class UserError(Exception):
@@ -35,3 +36,15 @@ class ExportError(UserError):
 class TrainingError(Exception):
   """Training cannot go on (e.g. the loss diverged); the last good checkpoint is kept.
   Not a UserError: trainer/main.py exits with code 1."""
+
+
+def root_cause(message: str) -> str:
+  """The line of a TensorFlow error message that says what went wrong, not where."""
+  lines = [line.strip() for line in message.splitlines() if line.strip()]
+  boilerplate = ("Graph execution error", "Detected at node", "File ", "[[", "Traceback")
+  causes = [line for line in lines if not line.startswith(boilerplate)]
+  if not causes:
+    return lines[0] if lines else "no details"
+  # "...tasks are unhealthy (stopped sending heartbeats):" is followed by their names.
+  cause = " ".join(causes[:2]) if causes[0].endswith(":") else causes[0]
+  return cause[:300]

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from trainer import run_dir, run_files, state
 from trainer.config import Config
-from trainer.errors import ExportError
+from trainer.errors import ExportError, root_cause
 
 SAVED_MODEL_SUBDIR = "saved_model"
 KERAS_FILE = "model.keras"
@@ -159,7 +159,6 @@ def _reloaded_outputs(directory: str, images: np.ndarray) -> dict:
   """Loads the export in `directory` back; the logits (and class names) it gives."""
   loaded = tf.saved_model.load(os.path.join(directory, SAVED_MODEL_SUBDIR))
   served = loaded.signatures["serve"](images=tf.constant(images))
-  by_default = loaded.signatures[DEFAULT_SIGNATURE](images=tf.constant(images))
   encoded = tf.stack([tf.io.encode_png(image) for image in images])
   from_bytes = loaded.signatures["serve_bytes"](image_bytes=encoded)
   with open(loaded.class_names_file.asset_path.numpy().decode(), encoding="utf-8") as f:
@@ -170,7 +169,6 @@ def _reloaded_outputs(directory: str, images: np.ndarray) -> dict:
           f"{SAVED_MODEL_SUBDIR} {DEFAULT_SIGNATURE} (as TF Serving loads it)":
               _session_logits(os.path.join(directory, SAVED_MODEL_SUBDIR), images),
           f"{SAVED_MODEL_SUBDIR} serve": served["logits"].numpy(),
-          f"{SAVED_MODEL_SUBDIR} {DEFAULT_SIGNATURE}": by_default["logits"].numpy(),
           f"{SAVED_MODEL_SUBDIR} serve_bytes": from_bytes["logits"].numpy(),
           KERAS_FILE: keras_model(images, training=False).numpy()},
       "class_name": [name.decode() for name in served["class_name"].numpy()],
@@ -191,11 +189,8 @@ def _session_logits(path: str, images: np.ndarray) -> np.ndarray:
       return session.run(signature.outputs["logits"].name,
                          {signature.inputs["images"].name: images})
     except tf.errors.OpError as e:
-      # The cause, not the "Graph execution error:" that heads a graph's errors.
-      cause = next((line.strip() for line in e.message.splitlines() if line.strip()
-                    and not line.startswith("Graph execution error")), "no details")
       raise ExportError(f"the exported SavedModel's {DEFAULT_SIGNATURE} fails as TF Serving "
-                        f"loads it ({type(e).__name__}: {cause[:200]})") from None
+                        f"loads it ({type(e).__name__}: {root_cause(e.message)})") from None
 
 
 def _write_and_verify(model: keras.Model, class_names: tuple[str, ...], directory: str,

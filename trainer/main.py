@@ -89,18 +89,6 @@ def _stop_signal(e: BaseException) -> int | None:
   return signal.SIGTERM if wrapped.group(1) == "Terminated" else signal.SIGINT
 
 
-def _root_cause(message: str) -> str:
-  """The line of a TensorFlow error message that says what went wrong, not where."""
-  lines = [line.strip() for line in message.splitlines() if line.strip()]
-  boilerplate = ("Graph execution error", "Detected at node", "File ", "[[", "Traceback")
-  causes = [line for line in lines if not line.startswith(boilerplate)]
-  if not causes:
-    return lines[0] if lines else "no details"
-  # "...tasks are unhealthy (stopped sending heartbeats):" is followed by their names.
-  cause = " ".join(causes[:2]) if causes[0].endswith(":") else causes[0]
-  return cause[:300]
-
-
 def _import_tensorflow(show_logs: bool) -> None:
   """Imports TensorFlow, hiding the C++ start-up messages unless asked for.
 
@@ -254,7 +242,7 @@ def main(argv):
     # A collective op failed because a peer died or became unreachable mid-run.
     logging.info("the collective op failed with: %s", e.message)
     _fail(f"a peer worker was lost during training ({type(e).__name__}: "
-          f"{_root_cause(e.message)}); {cluster.restart_hint}: the run resumes from the "
+          f"{errors.root_cause(e.message)}); {cluster.restart_hint}: the run resumes from the "
           "chief's last checkpoint", code=1)
 
 

@@ -248,7 +248,7 @@ def _short(value) -> str:
 
 
 def check_compatible(model_dir: str, config: Config, precision: str,
-                     resolved: dict | None = None) -> None:
+                     resolved: dict) -> None:
   """Refuses to continue a run whose saved config.json differs in incompatible settings:
   the architecture, the data, its split and order, the schedule's shape (`resolved`: what
   the data resolved to), and what changes the checkpoint's variables (an EMA, float16's
@@ -269,7 +269,7 @@ def check_compatible(model_dir: str, config: Config, precision: str,
       theirs = tuple(theirs)
     if theirs != mine:
       differing.append(f"--{name}: {theirs!r} in {path}, {mine!r} now")
-  for name, mine in (resolved or {}).items():
+  for name, mine in resolved.items():
     theirs = saved.get(name)
     if theirs is not None and theirs != mine:
       differing.append(f"{RESOLVED_DATA[name]}: {_short(theirs)} in {path}, "

@@ -92,10 +92,7 @@ def _train(config: Config, strategy: tf.distribute.Strategy, out_dir: str, chief
                               num_eval=splits.evaluation.num_examples,
                               num_test=splits.test.num_examples)
     hardware = resolve_hardware(config, strategy)
-    run_dir.prepare(out_dir, config, hardware.precision, resolved={
-        "train_examples": splits.train.num_examples,
-        "steps_per_epoch_resolved": plan.steps_per_epoch,
-        "class_names": list(splits.class_names)})
+    run_dir.prepare(out_dir, config, hardware.precision, _resolved_data(plan, splits))
     state = build_state(config, strategy, len(splits.class_names), plan, hardware.precision)
     run_dir.check_free_space(out_dir, state.checkpoint_bytes(), config.keep_checkpoints)
     checkpoints = run_dir.Checkpoints(
@@ -149,10 +146,16 @@ def _resolved_settings(config: Config, strategy: tf.distribute.Strategy,
           "steps_per_execution_resolved": hardware.steps_per_execution,
           "per_replica_batch_size": plan.per_replica_batch_size,
           "scaled_learning_rate": config.scaled_learning_rate,
-          "steps_per_epoch_resolved": plan.steps_per_epoch,
           "total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
-          "lr_boundaries_steps": list(plan.boundaries),
-          "train_examples": splits.train.num_examples, "model": state.model.name,
+          "lr_boundaries_steps": list(plan.boundaries), "model": state.model.name,
+          **_resolved_data(plan, splits)}
+
+
+def _resolved_data(plan: schedule.Plan, splits: data.Splits) -> dict:
+  """What the data resolved to (run_dir.RESOLVED_DATA): config.json records it, and a
+  resumed run must find the same."""
+  return {"train_examples": splits.train.num_examples,
+          "steps_per_epoch_resolved": plan.steps_per_epoch,
           "class_names": list(splits.class_names)}
 
 
@@ -524,14 +527,15 @@ class Loop:
     self.summaries.best_test_accuracy(self.step, result["best_test_accuracy"])
     return result
 
-
   def _export_default(self) -> dict:
     """metrics.json's record of what --mode=export exports by default, and why."""
     which, _ = run_dir.export_default(self.config.validation_split)
-    name = self.splits.evaluation_name
-    best_steps = [h["step"] for h in self.history if h[f"{name}_accuracy"] == self.best_accuracy]
-    if which == "best" and best_steps:
-      return {"export_checkpoint": f"{run_files.BEST_SUBDIR}/ckpt-{best_steps[0]}",
+    accuracy = f"{self.splits.evaluation_name}_accuracy"
+    # best/ holds the first epoch that reached the best accuracy (_end_epoch saves on >).
+    best_step = next((h["step"] for h in self.history if h[accuracy] == self.best_accuracy),
+                     None)
+    if which == "best" and best_step is not None:
+      return {"export_checkpoint": f"{run_files.BEST_SUBDIR}/ckpt-{best_step}",
               "export_checkpoint_chosen_by": "best_validation_accuracy"}
     return {"export_checkpoint": f"{run_files.CHECKPOINT_SUBDIR}/ckpt-{self.step}",
             "export_checkpoint_chosen_by": "final"}
