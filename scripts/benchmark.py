@@ -3,7 +3,7 @@
   python scripts/benchmark.py --depth=20 [--plain] [--global_batch_size=128]
       [--precision=...] [--jit_compile=...] [--strategy=...] [--data_source=synthetic]
   python scripts/benchmark.py --compare --depth=20 --threads=2 \
-      [--torch_python=/tmp/torch-venv/bin/python]
+      [--torch_python=/tmp/torch-venv/bin/python] [--compare_precisions=mixed_bfloat16]
 
 Runs trainer.train.train_and_evaluate for warm-up plus timed windows (reading images/s
 per window from its TensorBoard events), measures a matrix-multiplication peak on the
@@ -11,7 +11,9 @@ same device and precision, and a minimal hand-written Keras `fit` of the same mo
 baseline. With --compare it instead interleaves, window by window, the trainer's step,
 our model with fused and with Keras batch norm, the minimal Keras model and (with
 --torch_python) an independent PyTorch ResNet in a subprocess
-(results/checks/torch_resnet_benchmark.py). The last line printed is a JSON object.
+(results/checks/torch_resnet_benchmark.py; with --compare_precisions=mixed_bfloat16 also
+the trainer in bfloat16 and PyTorch under torch.autocast in bfloat16), and gives each
+contender's share of the measured matmul peak. The last line printed is a JSON object.
 """
 
 import json
@@ -59,6 +61,10 @@ flags.DEFINE_string("torch_python", None, "With --compare: the python of a venv 
                     "ResNet in a subprocess.")
 flags.DEFINE_boolean("bn_twin", True, "With --compare: also time our model's bare training "
                      "step with fused and with Keras batch norm.")
+flags.DEFINE_boolean("serve", False, "Instead of a report: build the trainer's step (as "
+                     "--compare does) and, for every line STEPS on stdin, train that many "
+                     "steps and answer {\"seconds\": ...} on stdout (scripts/"
+                     "compare_settings.py runs one such process per setting).")
 flags.DEFINE_list("compare_precisions", [], "With --compare: also time the trainer's step "
                   "at each of these precisions (e.g. mixed_bfloat16), in the same rounds.")
 FLAGS = flags.FLAGS
@@ -397,9 +403,11 @@ class TorchProcess:
   """The PyTorch ResNet in a subprocess of --torch_python, trained window by window on
   request (results/checks/torch_resnet_benchmark.py --serve): idle while TensorFlow runs."""
 
-  def __init__(self, python: str):
+  def __init__(self, python: str, autocast: str | None = None):
     command = [python, TORCH_SCRIPT, "--serve", f"--depth={FLAGS.depth}",
                f"--batch_size={FLAGS.global_batch_size}"]
+    if autocast:
+      command.append(f"--autocast={autocast}")
     if FLAGS.threads:
       command.append(f"--threads={FLAGS.threads}")
     self.stderr = tempfile.TemporaryFile(mode="w+")
@@ -407,6 +415,7 @@ class TorchProcess:
                                     stderr=self.stderr, text=True)
     hello = self._answer()
     self.parameters, self.version = hello["parameters"], hello["torch"]
+    self.compute_dtype = autocast or "float32"
     self.threads = hello["threads"]
 
   def _answer(self) -> dict:
@@ -435,6 +444,7 @@ CONTENDERS = {
     "ours_keras_bn": "our model, bare step, Keras batch norm",
     "minimal_keras": "minimal hand-written Keras, fit",
     "pytorch": "PyTorch (eager, channels_last)",
+    "pytorch_mixed_bfloat16": "PyTorch, autocast bfloat16",
 }
 
 
@@ -460,6 +470,8 @@ def _build_contenders() -> dict:
       minimal_keras_resnet(FLAGS.depth, FLAGS.plain, FLAGS.stem))
   if FLAGS.torch_python:
     contenders["pytorch"] = TorchProcess(FLAGS.torch_python)
+    if "mixed_bfloat16" in FLAGS.compare_precisions:
+      contenders["pytorch_mixed_bfloat16"] = TorchProcess(FLAGS.torch_python, "bfloat16")
   return contenders
 
 
@@ -487,8 +499,9 @@ def run_comparison() -> dict:
   try:
     seconds = _interleaved_seconds(contenders)
   finally:
-    if "pytorch" in contenders:
-      contenders["pytorch"].close()
+    for name in ("pytorch", "pytorch_mixed_bfloat16"):
+      if name in contenders:
+        contenders[name].close()
     keras.mixed_precision.set_global_policy("float32")
   images = FLAGS.window_steps * FLAGS.global_batch_size
   rates = {name: [images / s for s in times] for name, times in seconds.items()}
@@ -507,9 +520,11 @@ def run_comparison() -> dict:
   if "pytorch" in contenders:
     report["torch"] = contenders["pytorch"].version
     report["torch_threads"] = contenders["pytorch"].threads
+  _add_shares_of_peak(report, trainer.state.model)
   pairs = [("trainer", "pytorch"), ("minimal_keras", "pytorch"),
            ("trainer", "minimal_keras"), ("ours_fused_bn", "ours_keras_bn")] + [
-               (f"trainer_{precision}", "trainer") for precision in FLAGS.compare_precisions]
+               (f"trainer_{precision}", "trainer") for precision in FLAGS.compare_precisions] + [
+               ("trainer_mixed_bfloat16", "pytorch_mixed_bfloat16")]
   for a, b in pairs:
     if a in rates and b in rates:
       # Median of the ratios within each round: robust to the machine's drift.
@@ -517,20 +532,53 @@ def run_comparison() -> dict:
   return report
 
 
+def _add_shares_of_peak(report: dict, model) -> None:
+  """Each contender's training FLOP rate as a share of this machine's matmul peak in its
+  compute type (measured here, with the same threads, after the timed rounds)."""
+  from scripts import flops
+  # Backward costs about twice the forward pass (gradients w.r.t. inputs and weights).
+  training = 3 * flops.forward_flops(model)
+  policy_dtype = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(
+      _policy(), "float32")
+  dtypes = {name: figures["compute_dtype"] or policy_dtype
+            for name, figures in report["contenders"].items()}
+  peaks = {dtype: measure_matmul_tflops(dtype, FLAGS.matmul_size)
+           for dtype in sorted(set(dtypes.values()))}
+  report["training_flops_per_image"] = training
+  report["matmul_peak_tflops"] = peaks
+  for name, figures in report["contenders"].items():
+    figures["share_of_peak"] = (figures["images_per_second"] * training / 1e12
+                                / peaks[dtypes[name]])
+
+
 def print_comparison(report: dict) -> None:
   print(f"\n{report['model']}, global batch {report['global_batch_size']}, "
         f"{report['precision']}, XLA {'on' if report['jit_compile'] else 'off'}, threads "
         f"{report['threads'] or 'default'}; {report['windows']} interleaved windows of "
         f"{report['window_steps']} steps each")
-  print(f"{'contender':<42}{'parameters':>12}{'img/s':>9}  windows (img/s)")
+  peaks = ", ".join(f"{dtype} {tflops:.3f}" for dtype, tflops
+                    in report["matmul_peak_tflops"].items())
+  print(f"training {report['training_flops_per_image'] / 1e9:.3f} GFLOP per image; "
+        f"measured matmul peak, TFLOP/s: {peaks}")
+  print(f"{'contender':<42}{'parameters':>12}{'img/s':>9}{'of peak':>9}  windows (img/s)")
   for name, figures in report["contenders"].items():
     windows = ", ".join(f"{r:.1f}" for r in figures["window_images_per_second"])
     print(f"{_label(name):<42}{figures['parameters']:>12,}"
-          f"{figures['images_per_second']:>9.1f}  {windows}")
+          f"{figures['images_per_second']:>9.1f}{figures['share_of_peak']:>9.1%}  {windows}")
   for key, value in report.items():
     if "_vs_" in key:
       print(f"{key}: {value:.3f} (median of per-round ratios)")
   print(json.dumps(report))
+
+
+def serve_windows(contender) -> None:
+  """Answers every "STEPS" line on stdin with the seconds those steps took (JSON), after
+  one untimed window that traces and compiles."""
+  contender.window(2)
+  print(json.dumps({"ready": True, "parameters": contender.parameters}), flush=True)
+  for line in sys.stdin:
+    if line.strip():
+      print(json.dumps({"seconds": contender.window(int(line))}), flush=True)
 
 
 def _check_comparison_flags() -> None:
@@ -545,8 +593,9 @@ def _check_comparison_flags() -> None:
   if not FLAGS.compare:
     raise app.UsageError("--torch_python needs --compare")
   if _policy() != "float32" or FLAGS.plain or FLAGS.stem != "cifar":
-    raise app.UsageError("the PyTorch model is the float32 residual network with the CIFAR "
-                         "stem: drop --precision, --plain and --stem")
+    raise app.UsageError("the PyTorch model is the residual network with the CIFAR stem, "
+                         "float32 (and, with --compare_precisions=mixed_bfloat16, also under "
+                         "torch.autocast in bfloat16): drop --precision, --plain and --stem")
   if FLAGS.depth not in (18, 50) and (FLAGS.depth in (34, 101, 152) or FLAGS.depth < 8
                                       or (FLAGS.depth - 2) % 6):
     raise app.UsageError("the PyTorch model has depths 18, 50 and 6n+2")
@@ -564,6 +613,9 @@ def main(argv):
     tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
   distribute.configure_cpu_devices(FLAGS.cpu_devices)
   tf.get_logger().setLevel("WARNING")
+  if FLAGS.serve:
+    serve_windows(TrainerSteps())
+    return
   if FLAGS.compare:
     print_comparison(run_comparison())
     return

@@ -18,7 +18,7 @@ def test_compare_times_the_trainer_at_each_precision_asked_for():
   skip_unless_cpu_runs("mixed_float16")
   result = _benchmark("--compare", "--depth=8", "--global_batch_size=8", "--window_steps=1",
                       "--windows=2", "--warmup_windows=0", "--threads=1",
-                      "--compare_precisions=mixed_float16")
+                      "--compare_precisions=mixed_float16", "--matmul_size=128")
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   contenders = report["contenders"]
@@ -30,6 +30,14 @@ def test_compare_times_the_trainer_at_each_precision_asked_for():
   assert contenders["trainer_mixed_float16"]["compute_dtype"] == "float16"
   assert report["trainer_mixed_float16_vs_trainer"] > 0
   assert "trainer step, mixed_float16" in result.stdout
+  # Each contender's FLOP rate against the matmul peak of its own compute type.
+  peaks = report["matmul_peak_tflops"]
+  assert set(peaks) == {"float32", "float16"} and all(p > 0 for p in peaks.values())
+  for name, figures in contenders.items():
+    dtype = "float16" if name == "trainer_mixed_float16" else "float32"
+    expected = (figures["images_per_second"] * report["training_flops_per_image"] / 1e12
+                / peaks[dtype])
+    assert abs(figures["share_of_peak"] - expected) <= 1e-9 * expected, name
 
 
 def test_compare_refuses_an_unknown_precision():
@@ -64,3 +72,32 @@ def test_compare_checkouts_refuses_what_is_not_a_checkout(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in result.stderr
+
+
+def _compare_settings(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "scripts/compare_settings.py", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_compare_settings_times_each_setting_in_its_own_process_in_the_same_rounds():
+  result = _compare_settings("--depth=8", "--global_batch_size=8", "--window_steps=1",
+                             "--windows=2", "--warmup_windows=0",
+                             "--setting=intra=1 inter=1",
+                             "--setting=inter=1 TF_ENABLE_ONEDNN_OPTS=0 precision=float32")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  settings = report["settings"]
+  assert list(settings) == ["intra=1 inter=1", "inter=1 TF_ENABLE_ONEDNN_OPTS=0 precision=float32"]
+  assert all(len(s["window_images_per_second"]) == 2 for s in settings.values())
+  assert settings["intra=1 inter=1"]["vs_first"] == 1.0
+
+
+def test_compare_settings_refuses_a_malformed_setting_and_names_a_failing_one():
+  malformed = _compare_settings("--setting=intra")
+  assert malformed.returncode == 2
+  assert malformed.stderr.strip().splitlines()[-1] == \
+      "error: --setting='intra': 'intra' is not KEY=VALUE"
+  failing = _compare_settings("--depth=8", "--setting=no_such_flag=1")
+  assert failing.returncode == 2
+  assert failing.stderr.startswith("error: no_such_flag=1: the process exited")
+  assert "Unknown command line flag 'no_such_flag'" in failing.stderr

@@ -1,5 +1,6 @@
-"""Training throughput of an independent PyTorch CIFAR ResNet (random data, fp32,
-channels_last, SGD with momentum), for scripts/benchmark.py's side-by-side comparison.
+"""Training throughput of an independent PyTorch CIFAR ResNet (random data, fp32 or
+--autocast=bfloat16, channels_last, SGD with momentum), for scripts/benchmark.py's
+side-by-side comparison.
 Not part of the trainer: runs in its own venv, with torch alone.
 
 Set-up (a CPU wheel of torch 2.13.0 lies on the development machines' disk for pip):
@@ -118,8 +119,11 @@ def resnet(depth: int, num_classes: int = 10) -> nn.Module:
 class Trainer:
   """The model, SGD with momentum and one random batch; `train(steps)` times steps."""
 
-  def __init__(self, depth: int, batch_size: int):
+  def __init__(self, depth: int, batch_size: int, autocast: str | None = None):
     torch.manual_seed(0)
+    # PyTorch's CPU mixed precision: float32 weights, the convolutions and matmuls in
+    # bfloat16 (torch.autocast's CPU list), as the trainer's mixed_bfloat16 policy does.
+    self.autocast = autocast
     self.net = resnet(depth).to(memory_format=torch.channels_last)
     self.optimizer = torch.optim.SGD(self.net.parameters(), lr=0.01, momentum=0.9,
                                      nesterov=True, weight_decay=1e-4)
@@ -132,7 +136,8 @@ class Trainer:
     """Seconds for `steps` training steps (forward, backward, update)."""
     start = time.perf_counter()
     for _ in range(steps):
-      loss = F.cross_entropy(self.net(self.images), self.labels)
+      with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast is not None):
+        loss = F.cross_entropy(self.net(self.images), self.labels)
       self.optimizer.zero_grad(set_to_none=True)
       loss.backward()
       self.optimizer.step()
@@ -143,7 +148,8 @@ class Trainer:
 def serve(trainer: Trainer) -> None:
   """Answers every "STEPS" line on stdin with the seconds those steps took (JSON)."""
   print(json.dumps({"ready": True, "parameters": trainer.parameters,
-                    "torch": torch.__version__, "threads": torch.get_num_threads()}),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "autocast": trainer.autocast}),
         flush=True)
   for line in sys.stdin:
     if line.strip():
@@ -160,13 +166,15 @@ def main() -> None:
   parser.add_argument("--window_steps", type=int, default=10)
   parser.add_argument("--windows", type=int, default=5)
   parser.add_argument("--warmup_windows", type=int, default=1)
+  parser.add_argument("--autocast", choices=["bfloat16"], default=None,
+                      help="train under torch.autocast on the CPU in this type")
   parser.add_argument("--serve", action="store_true",
                       help="train on request from stdin (see the module docstring)")
   args = parser.parse_args()
   if args.threads:
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(args.threads)
-  trainer = Trainer(args.depth, args.batch_size)
+  trainer = Trainer(args.depth, args.batch_size, args.autocast)
   if args.serve:
     serve(trainer)
     return
@@ -175,12 +183,14 @@ def main() -> None:
   rates = [args.window_steps * args.batch_size / trainer.train(args.window_steps)
            for _ in range(args.windows)]
   print(f"resnet{args.depth} (PyTorch {torch.__version__}, {trainer.parameters:,} "
-        f"parameters, {torch.get_num_threads()} threads): "
+        f"parameters, {torch.get_num_threads()} threads, "
+        f"{args.autocast or 'float32'}): "
         f"{statistics.median(rates):.1f} images/s (windows: "
         f"{', '.join(f'{r:.1f}' for r in rates)})")
   print(json.dumps({"model": f"resnet{args.depth}", "framework": "pytorch",
                     "torch": torch.__version__, "batch_size": args.batch_size,
                     "threads": torch.get_num_threads(), "parameters": trainer.parameters,
+                    "autocast": args.autocast,
                     "images_per_second": statistics.median(rates),
                     "window_images_per_second": rates}))
 
