@@ -41,6 +41,11 @@ class Architecture:
   plain: bool
 
   @property
+  def name(self) -> str:
+    """The model's name: "resnet20", "plain56", ..."""
+    return f"{'plain' if self.plain else 'resnet'}{self.depth}"
+
+  @property
   def weighted_layers(self) -> int:
     """Convolutions plus the classifier on the main path: He et al.'s depth.
 

@@ -94,6 +94,9 @@ def evaluate_checkpoint(config: Config, strategy: tf.distribute.Strategy) -> dic
   plan = schedule.make_plan(config, replicas=strategy.num_replicas_in_sync,
                             num_train=splits.train.num_examples,
                             num_eval=splits.test.num_examples)
+  # No probe (auto is float32 on a CPU): an evaluation's forward passes cost less than
+  # timing both precisions would, and the inference checkpoint restores under any
+  # precision, so the run's recorded one need not be followed; float32 rounds least.
   precision = distribute.resolve_precision(config.precision, strategy)
   distribute.check_precision_runs(precision, strategy)
   state = build_state(config, strategy, len(splits.class_names), plan, precision)

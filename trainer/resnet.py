@@ -210,8 +210,7 @@ def build_model(arch: Architecture, *, num_classes: int = 10,
   # float32 classifier: logits stay float32 under mixed-precision policies.
   logits = layers.Dense(num_classes, kernel_initializer="he_normal", dtype="float32",
                         name="head_dense")(x)
-  name = f"{'plain' if arch.plain else 'resnet'}{arch.depth}"
-  return keras.Model(inputs, logits, name=name)
+  return keras.Model(inputs, logits, name=arch.name)
 
 
 def _ensure_recursion_limit(arch: Architecture) -> None:

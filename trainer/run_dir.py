@@ -194,6 +194,23 @@ def prepare(model_dir: str, config: Config, precision: str, resolved: dict) -> N
   read_history(model_dir)
 
 
+def recorded_precision(config: Config) -> str | None:
+  """What a resumed --precision=auto run resolved auto to when it started (config.json's
+  precision_resolved, where its --precision was auto too), so that it keeps it: on a CPU
+  auto is a measurement, and a run must not change precision with a timing. None for a
+  new run, with --overwrite, or when either --precision was not auto.
+
+  Every worker reads the chief's --model_dir, so all keep the same precision.
+  """
+  if config.overwrite or config.precision != "auto":
+    return None
+  saved = run_files.read_json(os.path.join(config.model_dir, run_files.CONFIG_FILE),
+                              "the run's settings")
+  if saved is None or saved.get("precision") != "auto":
+    return None
+  return saved.get("precision_resolved")
+
+
 def check_writable(model_dir: str) -> None:
   """Creates model_dir if needed and fails early if we cannot write into it."""
   try:

@@ -15,8 +15,8 @@ import numpy as np
 import tensorflow as tf
 
 from input_pipeline import pipeline
-from trainer import (data, distribute, evaluation, metrics, run_dir, run_files, schedule, steps,
-                     summaries)
+from trainer import (data, distribute, evaluation, metrics, precision_probe, run_dir, run_files,
+                     schedule, steps, summaries)
 from trainer.config import REFERENCE_BATCH_SIZE, Config
 from trainer.errors import ConfigError, RunDirError, TrainingError
 from trainer.state import State, build_state, per_replica_variables
@@ -91,7 +91,8 @@ def _train(config: Config, strategy: tf.distribute.Strategy, out_dir: str, chief
                               num_train=splits.train.num_examples,
                               num_eval=splits.evaluation.num_examples,
                               num_test=splits.test.num_examples)
-    hardware = resolve_hardware(config, strategy)
+    hardware = resolve_hardware(config, strategy, plan, len(splits.class_names),
+                                run_dir.recorded_precision(config))
     run_dir.prepare(out_dir, config, hardware.precision, _resolved_data(plan, splits))
     state = build_state(config, strategy, len(splits.class_names), plan, hardware.precision)
     run_dir.check_free_space(out_dir, state.checkpoint_bytes(), config.keep_checkpoints)
@@ -115,17 +116,31 @@ def _train(config: Config, strategy: tf.distribute.Strategy, out_dir: str, chief
   return Outcome(result, state, out_dir)
 
 
-def resolve_hardware(config: Config, strategy: tf.distribute.Strategy) -> Hardware:
+def resolve_hardware(config: Config, strategy: tf.distribute.Strategy,
+                     plan: schedule.Plan | None = None, num_classes: int = 0,
+                     recorded_precision: str | None = None) -> Hardware:
   """Resolves --precision, --jit_compile and --steps_per_execution for the strategy.
 
+  Args:
+    plan, num_classes: a training run's; with them, --precision=auto on a CPU times the
+      run's network at float32 and mixed_bfloat16 when the run is long enough
+      (distribute.choose_cpu_precision); without (benchmarks), it is float32 there.
+    recorded_precision: what a resumed auto run resolved to (run_dir.recorded_precision),
+      kept on a CPU: its precision must not change with a timing mid-way.
   Raises:
     ConfigError: for --deterministic with XLA on the imagenet stem (also when "auto"
       chose XLA, as on a GPU).
     DistributionError: for a precision policy this CPU cannot run.
   """
+  jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
+  cpu_run = None if plan is None else distribute.CpuRun(
+      network=config.architecture().name, total_steps=plan.total_steps,
+      deterministic=config.deterministic, recorded=recorded_precision,
+      seconds_per_step=lambda: precision_probe.seconds_per_step(
+          config, strategy, plan.per_replica_batch_size, num_classes, jit_compile))
   hardware = Hardware(
-      precision=distribute.resolve_precision(config.precision, strategy),
-      jit_compile=distribute.resolve_jit_compile(config.jit_compile, strategy),
+      precision=distribute.resolve_precision(config.precision, strategy, cpu_run),
+      jit_compile=jit_compile,
       steps_per_execution=distribute.resolve_steps_per_execution(
           config.steps_per_execution, strategy))
   if config.deterministic and hardware.jit_compile and config.stem == "imagenet":

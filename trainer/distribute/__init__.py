@@ -6,7 +6,9 @@ from trainer.distribute.cluster import (DEFAULT_PORT_BASE, PORT_BASE_VARIABLE, C
                                         multi_worker_reason, parse_tf_config, resolve_cluster)
 from trainer.distribute.multi_worker import joined_cluster
 from trainer.distribute.precision import (ACCELERATOR_STEPS_PER_EXECUTION,
-                                          check_precision_runs, resolve_jit_compile,
+                                          BFLOAT16_MIN_SPEEDUP, PROBE_MIN_STEPS, CpuRun,
+                                          check_precision_runs, choose_cpu_precision,
+                                          half_precision_runs, resolve_jit_compile,
                                           resolve_precision, resolve_steps_per_execution)
 from trainer.distribute.replicas import make_replica_sync
 from trainer.distribute.strategy import configure_cpu_devices, is_chief, make_strategy
