@@ -101,3 +101,32 @@ def test_compare_settings_refuses_a_malformed_setting_and_names_a_failing_one():
   assert failing.returncode == 2
   assert failing.stderr.startswith("error: no_such_flag=1: the process exited")
   assert "Unknown command line flag 'no_such_flag'" in failing.stderr
+
+
+def test_onednn_breakdown_sums_the_executed_primitives_per_step(tmp_path):
+  conv = ("convolution,brg_conv_fwd:avx512_core,forward_training,src:f32::blocked:acdb::f0,"
+          ",alg:convolution_direct,mb128_ic16oc16_ih32oh32kh3sh1dh0ph1_iw32ow32kw3sw1dw0pw1")
+  log = tmp_path / "verbose.log"
+  log.write_text("\n".join([
+      "onednn_verbose,v1,info,oneDNN v3.7.3 (commit N/A)",
+      "onednn_verbose,v1,info,cpu,runtime:threadpool,nthr:2",
+      f"onednn_verbose,v1,primitive,create:cache_miss,cpu,{conv},0.5",
+      f"onednn_verbose,v1,primitive,exec,cpu,{conv},3.0",
+      f"onednn_verbose,v1,primitive,exec,cpu,{conv},5.0",
+      "onednn_verbose,v1,primitive,exec,cpu,reorder,jit:uni,undef,src dst,,,16x3x3x3,0.25",
+      "epoch 1.00 step 2/2 loss 2.3",
+  ]) + "\n")
+  result = subprocess.run([sys.executable, "scripts/onednn_breakdown.py", str(log),
+                           "--steps=2"], cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report == {"onednn": "oneDNN v3.7.3 (commit N/A)", "steps": 2, "ms_per_step": {
+      "convolution | brg_conv_fwd:avx512_core | forward_training": 4.0,
+      "reorder | jit:uni | undef": 0.125}}
+  empty = tmp_path / "empty.log"
+  empty.write_text("no verbose lines\n")
+  for path in (empty, tmp_path / "missing.log"):
+    refused = subprocess.run([sys.executable, "scripts/onednn_breakdown.py", str(path),
+                              "--steps=2"], cwd=REPO, capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: "), refused.stderr
