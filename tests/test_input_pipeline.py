@@ -143,6 +143,8 @@ def test_a_run_that_is_not_deterministic_draws_its_data_seed_and_one_that_is_use
   drawn = {train._data_seed(config_lib.Config(seed=7), strategy) for _ in range(3)}
   assert len(drawn) == 3  # 1 in 2**24 draws repeats
   assert train._data_seed(config_lib.Config(seed=7, deterministic=True), strategy) == 7
+  # A resumed run goes on with the seed it drew when it started.
+  assert train._data_seed(config_lib.Config(seed=7), strategy, recorded=12345) == 12345
 
 
 @pytest.mark.parametrize("start_step", [1, 5, 8, 13, 27])

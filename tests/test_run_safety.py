@@ -3,6 +3,7 @@ one trainer per run dir, and every failure a one-line error with the documented 
 
 import json
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -338,3 +339,22 @@ def test_a_refused_run_leaves_no_empty_model_dir(tmp_path):
 def test_a_model_dir_on_an_object_store_is_refused(model_dir):
   result = trainer(*TINY, f"--model_dir={model_dir}", timeout=120)
   assert_user_error(result, "object stores are not supported", "network file system")
+
+
+def test_a_resumed_run_keeps_the_data_seed_it_drew_and_a_new_run_draws_another(tmp_path):
+  """Not --deterministic: the data order's seed is drawn when a run starts and kept when
+  it resumes, so an interrupted epoch goes on in its own order (another seed would repeat
+  some of its examples and skip others)."""
+  model_dir = tmp_path / "run"
+  seeds, logged = [], []
+  for extra in (["--epochs=1"], ["--epochs=2"], ["--epochs=1", "--overwrite"]):
+    result = trainer(*TINY, "--steps_per_epoch=2", *extra, f"--model_dir={model_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    seeds.append(json.loads((model_dir / "config.json").read_text())["data_seed_resolved"])
+    logged.append(re.findall(r"data order and augmentation: seed (\d+) \((.+?)\)",
+                             result.stderr))
+  assert logged[0] == [(str(seeds[0]), "drawn for this run")]
+  assert logged[1] == [(str(seeds[0]), "drawn when this run started")]
+  assert seeds[1] == seeds[0]
+  assert logged[2] == [(str(seeds[2]), "drawn for this run")]
+  assert seeds[2] != seeds[0]  # Two draws agree once in 2**24.

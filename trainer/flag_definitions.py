@@ -178,9 +178,9 @@ DEFINITIONS: dict[str, _Flag] = {
                      "device messages (hidden by default)."),
     "seed": _integer(0, "Seed of the initial weights, of the images --validation_split "
                      "holds out and of synthetic data; with --deterministic also of the "
-                     "data order and augmentation, which are otherwise drawn anew for every "
+                     "data order and augmentation, which are otherwise drawn for every new "
                      "run (and logged: 'data order and augmentation: seed N (drawn for this "
-                     "run)')."),
+                     "run)') and kept when it resumes (config.json's data_seed_resolved)."),
 }
 
 

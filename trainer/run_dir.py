@@ -211,6 +211,20 @@ def recorded_precision(config: Config) -> str | None:
   return saved.get("precision_resolved")
 
 
+def recorded_data_seed(config: Config) -> int | None:
+  """The data seed a resumed run drew when it started (config.json's data_seed_resolved),
+  so that it goes on in the same order; None for a new run, with --overwrite, or where
+  either run is --deterministic (then --seed is the seed)."""
+  if config.overwrite or config.deterministic:
+    return None
+  saved = run_files.read_json(os.path.join(config.model_dir, run_files.CONFIG_FILE),
+                              "the run's settings")
+  if saved is None or saved.get("deterministic", True):
+    return None
+  seed = saved.get("data_seed_resolved")
+  return seed if isinstance(seed, int) and 0 <= seed < 2**24 else None
+
+
 def check_writable(model_dir: str) -> None:
   """Creates model_dir if needed and fails early if we cannot write into it."""
   try:

@@ -100,13 +100,19 @@ def _train(config: Config, strategy: tf.distribute.Strategy, out_dir: str, chief
         state.checkpoint, out_dir, out_dir if chief or config.overwrite else config.model_dir,
         config.keep_checkpoints)
     start_step = _restore(checkpoints, state, plan)
+    recorded_seed = run_dir.recorded_data_seed(config)
+    data_seed = _data_seed(config, strategy, recorded_seed)
     settings = {**dataclasses.asdict(config),
-                **_resolved_settings(config, strategy, plan, hardware, splits, state)}
+                **_resolved_settings(config, strategy, plan, hardware, splits, state),
+                "data_seed_resolved": data_seed}
     if chief:  # Only now: a run that cannot restore its checkpoints writes nothing.
       run_dir.write_config(out_dir, settings)
     _log_plan(config, strategy, plan, hardware)
+    logging.info("data order and augmentation: seed %d%s", data_seed,
+                 "" if config.deterministic else " (drawn for this run)"
+                 if recorded_seed is None else " (drawn when this run started)")
     loop = Loop(config, strategy, state, splits, plan, hardware, checkpoints,
-                RunPlace(out_dir, chief, start_step, wall_start), stop_request)
+                RunPlace(out_dir, chief, start_step, wall_start, data_seed), stop_request)
     # One HParams session: its end records whether the run succeeded or failed.
     with loop.summaries.session(settings, start_step):
       loop.run()
@@ -218,13 +224,18 @@ def _set_op_determinism(enabled: bool) -> None:
     tf_config.disable_op_determinism()
 
 
-def _data_seed(config: Config, strategy: tf.distribute.Strategy) -> int:
+def _data_seed(config: Config, strategy: tf.distribute.Strategy,
+               recorded: int | None = None) -> int:
   """The seed of the data order and augmentation, the same in every input pipeline:
-  --seed when deterministic, else drawn anew, by replica 0's process, and shared by one
-  all-reduce (every pipeline slices the same permutation, see pipeline.train_pipeline)."""
+  --seed when deterministic, else drawn, by replica 0's process, and shared by one
+  all-reduce (every pipeline slices the same permutation, see pipeline.train_pipeline).
+  A resumed run passes the seed it drew when it started (`recorded`): with another, the
+  interrupted epoch would go on in another order, repeating some examples and never
+  reaching others."""
   if config.deterministic:
     return config.seed
-  drawn = tf.constant(float(secrets.randbelow(2**24)))  # Exact in float32.
+  value = secrets.randbelow(2**24) if recorded is None else recorded
+  drawn = tf.constant(float(value))  # Exact in float32 below 2**24.
   # In a tf.function: TPUs run strategy.run only there.
   share = tf.function(lambda: strategy.reduce(
       tf.distribute.ReduceOp.SUM, strategy.run(_replica_zero_only, args=(drawn,)), axis=None))
@@ -244,6 +255,7 @@ class RunPlace:
   chief: bool
   start_step: int    # the restored step (0 for a new run)
   wall_start: float  # time.time() when this process started the run
+  data_seed: int     # of the data order from start_step on (see _data_seed)
 
 
 class Loop:
@@ -260,9 +272,6 @@ class Loop:
     self.place, self.stop_request = place, stop_request
     self.steps = steps.TrainSteps(config, strategy, state, len(splits.class_names),
                                   hardware.jit_compile)
-    self.data_seed = _data_seed(config, strategy)
-    logging.info("data order and augmentation: seed %d%s", self.data_seed,
-                 "" if config.deterministic else " (drawn for this run)")
     self.iterator = iter(strategy.distribute_datasets_from_function(self._train_dataset))
     # Keras 3 batch norm updates each replica's moving statistics on its own batch only;
     # averaging the copies (and their moving averages) before every evaluation and save
@@ -294,7 +303,7 @@ class Loop:
   def _train_dataset(self, input_context: tf.distribute.InputContext) -> tf.data.Dataset:
     return pipeline.train_pipeline(
         self.splits.train.as_dataset(), per_replica_batch_size=self.plan.per_replica_batch_size,
-        seed=self.data_seed, start_step=self.place.start_step,
+        seed=self.place.data_seed, start_step=self.place.start_step,
         deterministic=self.config.deterministic, input_context=input_context)
 
   def run(self) -> None:
