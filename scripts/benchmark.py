@@ -20,7 +20,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from trainer import flag_definitions  # noqa: E402
+from scripts import window_process  # noqa: E402
 
 # The trainer's flags (trainer/flag_definitions.py), with this script's defaults.
 flag_definitions.define(
@@ -399,7 +399,7 @@ class KerasFitWindows:
     return clock.ends[-1] - clock.ends[0]
 
 
-class TorchProcess:
+class TorchProcess(window_process.WindowProcess):
   """The PyTorch ResNet in a subprocess of --torch_python, trained window by window on
   request (results/checks/torch_resnet_benchmark.py --serve): idle while TensorFlow runs."""
 
@@ -410,31 +410,10 @@ class TorchProcess:
       command.append(f"--autocast={autocast}")
     if FLAGS.threads:
       command.append(f"--threads={FLAGS.threads}")
-    self.stderr = tempfile.TemporaryFile(mode="w+")
-    self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=self.stderr, text=True)
-    hello = self._answer()
-    self.parameters, self.version = hello["parameters"], hello["torch"]
+    super().__init__("the PyTorch benchmark", command)
+    self.parameters, self.version = self.hello["parameters"], self.hello["torch"]
     self.compute_dtype = autocast or "float32"
-    self.threads = hello["threads"]
-
-  def _answer(self) -> dict:
-    line = self.process.stdout.readline()
-    if not line:
-      self.stderr.seek(0)
-      raise RuntimeError(f"the PyTorch benchmark process exited "
-                         f"({self.process.wait()}): {self.stderr.read()[-2000:]}")
-    return json.loads(line)
-
-  def window(self, steps: int) -> float:
-    self.process.stdin.write(f"{steps}\n")
-    self.process.stdin.flush()
-    return self._answer()["seconds"]
-
-  def close(self) -> None:
-    self.process.stdin.close()
-    self.process.wait(timeout=60)
-    self.stderr.close()
+    self.threads = self.hello["threads"]
 
 
 # Contender names, in table order, with what each measures.

@@ -20,12 +20,14 @@ first setting. The last line printed is a JSON object.
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 from absl import app, flags
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+
+from scripts.window_process import ProcessExited, WindowProcess  # noqa: E402
 THREAD_VARIABLES = {"intra": "TF_NUM_INTRAOP_THREADS", "inter": "TF_NUM_INTEROP_THREADS"}
 
 flags.DEFINE_integer("depth", 20, "ResNet depth (benchmark.py --depth).")
@@ -63,46 +65,19 @@ def command_and_environment(setting: str) -> tuple[list[str], dict]:
   return command, environment
 
 
-class Server:
-  """One process that trains a window on request and answers its seconds."""
-
-  def __init__(self, name: str, command: list[str], environment: dict):
-    self.name = name
-    self.process = subprocess.Popen(command, env=environment, stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
-    self.answer()
-
-  def answer(self) -> dict:
-    for line in self.process.stdout:
-      if line.startswith("{"):
-        return json.loads(line)
-    fail(f"{self.name}: the process exited ({self.process.wait()}):\n"
-         f"{self.process.stderr.read()[-2000:]}")
-
-  def window(self, steps: int) -> float:
-    self.process.stdin.write(f"{steps}\n")
-    self.process.stdin.flush()
-    return self.answer()["seconds"]
-
-  def close(self) -> None:
-    self.process.stdin.close()
-    self.process.wait(timeout=60)
-
-
-def servers() -> list[Server]:
+def servers() -> list[WindowProcess]:
   """A server per setting (the first is the reference) and, with --torch_python, PyTorch."""
-  started = [Server(setting, *command_and_environment(setting)) for setting in FLAGS.setting]
+  started = [WindowProcess(setting, *command_and_environment(setting)) for setting in FLAGS.setting]
   if FLAGS.torch_python:
     script = os.path.join(HERE, "results", "checks", "torch_resnet_benchmark.py")
-    started.append(Server("pytorch", [FLAGS.torch_python, script, "--serve",
+    started.append(WindowProcess("pytorch", [FLAGS.torch_python, script, "--serve",
                                       f"--depth={FLAGS.depth}",
                                       f"--batch_size={FLAGS.global_batch_size}"],
                           dict(os.environ)))
   return started
 
 
-def interleaved_rates(running: list[Server]) -> dict[str, list[float]]:
+def interleaved_rates(running: list[WindowProcess]) -> dict[str, list[float]]:
   """images/s of every timed window, in rounds of one window per server, the order
   rotating each round so that the machine's drift hits all alike."""
   rates = {server.name: [] for server in running}
@@ -117,7 +92,10 @@ def interleaved_rates(running: list[Server]) -> dict[str, list[float]]:
 
 def main(argv):
   del argv
-  running = servers()
+  try:
+    running = servers()
+  except ProcessExited as error:
+    fail(str(error))
   try:
     rates = interleaved_rates(running)
   finally:
