@@ -132,6 +132,24 @@ def test_a_resumed_auto_run_keeps_the_precision_it_recorded(tmp_path, monkeypatc
   assert json.loads(config_path.read_text())["precision_resolved"] == "mixed_bfloat16"
 
 
+def test_a_resume_refused_for_its_settings_is_refused_before_the_probe(tmp_path,
+                                                                       monkeypatch):
+  # The probe takes seconds to minutes; a run whose model dir holds another network must
+  # be told so at once, whatever auto would have measured. (Had the saved run been auto
+  # too, the resumed one would keep its recorded precision and probe nothing anyway.)
+  config = config_lib.Config(**TINY, epochs=1, precision="float32",
+                             model_dir=str(tmp_path / "run"))
+  strategy = tf.distribute.get_strategy()
+  train.run_training(config, strategy)
+  monkeypatch.setattr(precision_lib, "PROBE_MIN_STEPS", 1)
+  # As on a bfloat16 CPU, where the probe would run (on any machine).
+  monkeypatch.setattr(precision_lib, "half_precision_runs", lambda *args: True)
+  monkeypatch.setattr(precision_probe, "seconds_per_step", never("the probe"))
+  with pytest.raises(run_dir.RunDirError, match="--depth: 8 in .*, 14 now"):
+    train.run_training(config_lib.Config(**{**TINY, "depth": 14, "epochs": 2,
+                                            "model_dir": config.model_dir}), strategy)
+
+
 def test_only_a_resumed_auto_run_reads_its_recorded_precision(tmp_path):
   model_dir = tmp_path / "run"
   model_dir.mkdir()

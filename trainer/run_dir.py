@@ -178,10 +178,11 @@ def claim(model_dir: str, *, lock: bool = True):
         os.rmdir(model_dir)
 
 
-def prepare(model_dir: str, config: Config, precision: str, resolved: dict) -> None:
+def prepare(model_dir: str, config: Config, resolved: dict) -> None:
   """Makes model_dir ready for this run: emptied with --overwrite, and holding no run
   with incompatible settings or a history this run could not continue. Writes nothing
-  unless --overwrite.
+  unless --overwrite. The precision is checked apart (check_precision): on a CPU,
+  --precision=auto is a measurement, which a run refused here should not wait for.
 
   Args:
     resolved: what this run's data resolved to, config.json's values of RESOLVED_DATA.
@@ -190,7 +191,7 @@ def prepare(model_dir: str, config: Config, precision: str, resolved: dict) -> N
   """
   if config.overwrite:
     clear_run(model_dir)
-  check_compatible(model_dir, config, precision, resolved)
+  check_compatible(model_dir, config, resolved)
   read_history(model_dir)
 
 
@@ -255,15 +256,16 @@ def check_free_space(model_dir: str, checkpoint_bytes: int, keep: int) -> None:
                       f"({keep} kept + the best + one being written)")
 
 
-def _variable_settings(settings: dict, precision: str | None) -> dict[str, tuple[str, bool]]:
-  """The settings that add or remove checkpoint variables: {flag: (the value as the user
-  would name it, whether it adds them)}."""
+def _ema_variables(settings: dict) -> tuple[str, bool]:
+  """The EMA setting as the user would name it, and whether it adds checkpoint variables."""
   ema = float(settings.get("ema_decay") or 0.0)
+  return f"{ema} ({'with' if ema else 'no'} moving-average variables)", bool(ema)
+
+
+def _loss_scale_variables(precision: str) -> tuple[str, bool]:
+  """The precision as the user would name it, and whether it adds checkpoint variables."""
   loss_scale = precision == "mixed_float16"
-  return {"ema_decay": (f"{ema} ({'with' if ema else 'no'} moving-average variables)",
-                        bool(ema)),
-          "precision": (f"{precision} ({'with' if loss_scale else 'no'} loss-scale "
-                        "variables)", loss_scale)}
+  return f"{precision} ({'with' if loss_scale else 'no'} loss-scale variables)", loss_scale
 
 
 # What the data resolved to (config.json's records), and how an error names it: another
@@ -278,12 +280,10 @@ def _short(value) -> str:
   return text if len(text) <= 120 else text[:117] + "..."
 
 
-def check_compatible(model_dir: str, config: Config, precision: str,
-                     resolved: dict) -> None:
+def check_compatible(model_dir: str, config: Config, resolved: dict) -> None:
   """Refuses to continue a run whose saved config.json differs in incompatible settings:
   the architecture, the data, its split and order, the schedule's shape (`resolved`: what
-  the data resolved to), and what changes the checkpoint's variables (an EMA, float16's
-  loss scale).
+  the data resolved to), and an EMA (its variables are in the checkpoint).
 
   Raises:
     RunDirError: naming each differing setting and how to start afresh.
@@ -305,23 +305,42 @@ def check_compatible(model_dir: str, config: Config, precision: str,
     if theirs is not None and theirs != mine:
       differing.append(f"{RESOLVED_DATA[name]}: {_short(theirs)} in {path}, "
                        f"{_short(mine)} now")
-  if "precision_resolved" in saved:
-    theirs = _variable_settings(saved, saved["precision_resolved"])
-    for name, (text, adds) in _variable_settings(ours, precision).items():
-      their_text, their_adds = theirs[name]
-      if adds != their_adds:
-        differing.append(f"--{name}: {their_text} in {path}, {text} now")
+  if "precision_resolved" in saved:  # Written with the variables' settings.
+    (their_text, their_adds), (text, adds) = _ema_variables(saved), _ema_variables(ours)
+    if adds != their_adds:
+      differing.append(f"--ema_decay: {their_text} in {path}, {text} now")
   if differing:
-    raise RunDirError(
-        f"--model_dir={model_dir} holds a run with different settings:\n  "
-        + "\n  ".join(differing)
-        + "\nUse a new --model_dir, or pass --overwrite to delete that run's checkpoints, "
-          "logs and metrics and start afresh.")
+    _refuse(model_dir, differing)
   changed = [f"--{k}: {saved[k]!r} -> {v!r}" for k, v in ours.items()
              if k in saved and k not in INCOMPATIBLE_FIELDS and saved[k] != v
              and not (isinstance(saved[k], list) and tuple(saved[k]) == v)]
   if changed:
     logging.info("continuing %s with changed settings: %s", model_dir, ", ".join(changed))
+
+
+def check_precision(model_dir: str, precision: str) -> None:
+  """Refuses to continue a run whose checkpoint has loss-scale variables (float16) where
+  this run's resolved precision has none, or the reverse.
+
+  Raises:
+    RunDirError: naming both precisions and how to start afresh.
+  """
+  path = os.path.join(model_dir, run_files.CONFIG_FILE)
+  saved = run_files.read_json(path, "the run's settings")
+  if saved is None or "precision_resolved" not in saved:
+    return
+  their_text, their_adds = _loss_scale_variables(saved["precision_resolved"])
+  text, adds = _loss_scale_variables(precision)
+  if adds != their_adds:
+    _refuse(model_dir, [f"--precision: {their_text} in {path}, {text} now"])
+
+
+def _refuse(model_dir: str, differing: list[str]) -> None:
+  raise RunDirError(
+      f"--model_dir={model_dir} holds a run with different settings:\n  "
+      + "\n  ".join(differing)
+      + "\nUse a new --model_dir, or pass --overwrite to delete that run's checkpoints, "
+        "logs and metrics and start afresh.")
 
 
 def clear_run(model_dir: str) -> None:

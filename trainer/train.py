@@ -91,9 +91,10 @@ def _train(config: Config, strategy: tf.distribute.Strategy, out_dir: str, chief
                               num_train=splits.train.num_examples,
                               num_eval=splits.evaluation.num_examples,
                               num_test=splits.test.num_examples)
+    run_dir.prepare(out_dir, config, _resolved_data(plan, splits))
     hardware = resolve_hardware(config, strategy, plan, len(splits.class_names),
                                 run_dir.recorded_precision(config))
-    run_dir.prepare(out_dir, config, hardware.precision, _resolved_data(plan, splits))
+    run_dir.check_precision(out_dir, hardware.precision)
     state = build_state(config, strategy, len(splits.class_names), plan, hardware.precision)
     run_dir.check_free_space(out_dir, state.checkpoint_bytes(), config.keep_checkpoints)
     checkpoints = run_dir.Checkpoints(
