@@ -97,6 +97,14 @@ def test_help_leads_with_usage_groups_the_flags_and_exits_0():
   assert "  --depth (default: 50)" in result.stdout
 
 
+def test_helpfull_lists_absls_own_flags_too_and_exits_0():
+  result = trainer("--helpfull")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith("Train a ResNet")
+  for flag in ("--depth:", "--flagfile:", "--verbosity:"):
+    assert flag in result.stdout
+
+
 def test_a_warm_up_covering_the_whole_run_is_warned_about(run):
   _, result = run  # fast recipe: 2 warm-up epochs, and the run has 2 epochs.
   assert ("warning: the learning-rate warm-up (6 steps, --warmup_epochs=2) covers the whole "

@@ -277,11 +277,13 @@ def _help_text() -> str:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with the trainer's error format: `error: ...`, a hint, exit code 2
   (absl's own prints "FATAL Flags parsing error" and exits 1); --help prints the usage
-  and the grouped flags and exits 0."""
-  if any(arg in ("--help", "-help", "-h", "-?", "--helpshort") for arg in argv[1:]):
-    with contextlib.suppress(BrokenPipeError):  # e.g. `--help | head`
-      print(_help_text(), flush=True)
-    sys.exit(0)
+  and the grouped flags and exits 0, as does --helpfull (absl's exits 1)."""
+  texts = {"--helpfull": lambda: f"{USAGE}\n\nevery flag, by module:\n{FLAGS.get_help()}"}
+  for arg in argv[1:]:
+    if arg in ("--help", "-help", "-h", "-?", "--helpshort") or arg in texts:
+      with contextlib.suppress(BrokenPipeError):  # e.g. `--help | head`
+        print(texts.get(arg, _help_text)(), flush=True)
+      sys.exit(0)
   try:
     return FLAGS(argv)
   except flags.Error as e:
