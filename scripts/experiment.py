@@ -355,6 +355,16 @@ def describe_settings(runs: Sequence[Run]) -> str:
   """One line on the data and schedule the runs share, e.g. for the figure's title."""
   if not runs:
     return "no runs"
+  # A curves.csv keeps no settings: its runs are described by the model dirs beside them.
+  unrecorded = [r.label for r in runs if "data_source" not in r.config]
+  recorded = [r for r in runs if "data_source" in r.config]
+  if recorded and unrecorded:
+    return (f"{_describe(recorded)}; {', '.join(unrecorded)} from curves.csv files, which "
+            "record no settings")
+  return _describe(runs)
+
+
+def _describe(runs: Sequence[Run]) -> str:
   config = runs[0].config
   data = config.get("data_source", "?")
   if data == "folder":

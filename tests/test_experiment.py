@@ -128,10 +128,15 @@ def test_plot_runs_draws_runs_from_a_curves_csv_beside_run_dirs(study, tmp_path)
     writer.writeheader()
     writer.writerows(row for row in original if row["kind"] == "residual")
   figure, curves = tmp_path / "figure.png", tmp_path / "curves.csv"
+  results = tmp_path / "results.md"
   result = run_script("plot_runs.py", resnet_only, out / "plain-8", f"--output={figure}",
-                      f"--csv={curves}")
+                      f"--csv={curves}", f"--results={results}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"ResNet-8: {resnet_only}#resnet-8 (finished; curves from resnet.csv)" in result.stdout
+  # The settings are the model dir's; the csv's run is named as having none recorded.
+  assert ("Settings: CIFAR-10 (synthetic random images), recipe fast, 2 epochs x 2 steps, "
+          "batch 8") in results.read_text()
+  assert "; ResNet-8 from curves.csv files, which record no settings." in results.read_text()
   assert matplotlib.image.imread(figure).shape[0] > 100
   rebuilt = sorted(read_csv(curves), key=lambda r: (r["kind"], float(r["step"])))
   assert len(rebuilt) == len(original)
