@@ -8,6 +8,7 @@ import collections
 import csv
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -306,7 +307,14 @@ def load_curves_csv(path: str) -> list[Run]:
   for name, run_rows in by_run.items():
     try:
       history = sorted((_history_entry(row) for row in run_rows), key=lambda h: h["step"])
-      config = {"depth": int(run_rows[0]["depth"]), "plain": run_rows[0]["kind"] == PLAIN,
+      kinds = {row["kind"] for row in run_rows}
+      if len(kinds) != 1 or not kinds <= {PLAIN, RESIDUAL}:
+        raise ValueError(f"kind {' and '.join(sorted(kinds))}: one of {PLAIN} or "
+                         f"{RESIDUAL} per run")
+      depths = {_number(row, "depth", int) for row in run_rows}
+      if len(depths) != 1:
+        raise ValueError(f"depths {' and '.join(map(str, sorted(depths)))}: one per run")
+      config = {"depth": depths.pop(), "plain": kinds == {PLAIN},
                 "epochs": history[-1]["epoch"]}
     except (KeyError, ValueError) as e:
       raise RunError(f"{path}: run {name}: a malformed row ({e})") from None
@@ -316,14 +324,31 @@ def load_curves_csv(path: str) -> list[Run]:
   return runs
 
 
+def _number(row: dict, key: str, kind: type) -> float | int:
+  try:
+    return kind(row[key])
+  except (TypeError, ValueError):
+    raise ValueError(f"{key} {row[key]!r}: not {'an integer' if kind is int else 'a number'}"
+                     ) from None
+
+
 def _history_entry(row: dict) -> dict:
   """A curves.csv row as a history.json entry (errors back to accuracies)."""
   split = row["eval_split"]
-  return {"epoch": float(row["epoch"]), "step": int(row["step"]),
-          "train_loss": float(row["train_loss"]),
-          "train_accuracy": 1.0 - float(row["train_error"]) / 100.0,
-          f"{split}_loss": float(row["test_loss"]),
-          f"{split}_accuracy": 1.0 - float(row["test_error"]) / 100.0}
+  if split not in ("test", "validation"):
+    raise ValueError(f"eval_split {split!r}: test or validation")
+  values = {key: _number(row, key, float) for key in ("epoch", "train_loss", "train_error",
+                                                      "test_loss", "test_error")}
+  bad = [key for key, value in values.items() if not math.isfinite(value)
+         or (key.endswith("_error") and not 0.0 <= value <= 100.0)]
+  if bad:
+    raise ValueError(f"{', '.join(f'{key} {row[key]}' for key in bad)}: finite, errors "
+                     "in 0-100")
+  return {"epoch": values["epoch"], "step": _number(row, "step", int),
+          "train_loss": values["train_loss"],
+          "train_accuracy": 1.0 - values["train_error"] / 100.0,
+          f"{split}_loss": values["test_loss"],
+          f"{split}_accuracy": 1.0 - values["test_error"] / 100.0}
 
 
 def curve_rows(runs: Iterable[Run]) -> list[dict]:

@@ -77,9 +77,9 @@ def main(argv):
       final = "-" if run.final_test_error is None else f"{run.final_test_error:.2f}%"
       print(f"{run.label}: {run.model_dir} ({state}; curves from {run.history_source}), "
             f"final test error {final}")
-  if not runs:
+  if not runs:  # Nothing readable was given: bad input (exit 1 is a partial figure).
     print("error: no run to plot", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(2)
   if FLAGS.style == "blog":
     experiment.plot_blog_figure(runs, FLAGS.output, title=FLAGS.title)
   else:

@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -147,8 +148,46 @@ def test_plot_runs_draws_runs_from_a_curves_csv_beside_run_dirs(study, tmp_path)
       assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-4)
   (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
   result = run_script("plot_runs.py", tmp_path / "bad.csv", f"--output={figure}")
-  assert result.returncode == 1
+  assert result.returncode == 2  # Nothing to draw: bad input.
   assert "bad.csv: not a curves.csv (its columns are a, b" in result.stderr
+  assert "error: no run to plot" in result.stderr
+
+
+GOOD_ROW = {"run": "r8", "label": "ResNet-8", "depth": "8", "kind": "residual", "epoch": "1",
+            "step": "4", "train_loss": "1.5", "train_error": "60", "test_loss": "1.6",
+            "test_error": "62.5", "eval_split": "test"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"kind": "weird"}, "kind residual and weird: one of plain or residual per run"),
+    ({"kind": "plain"}, "kind plain and residual: one of plain or residual per run"),
+    ({"depth": "14"}, "depths 8 and 14: one per run"),
+    ({"eval_split": "train"}, "eval_split 'train': test or validation"),
+    ({"test_loss": "nan"}, "test_loss nan: finite"),
+    ({"train_error": "130"}, "train_error 130: finite, errors in 0-100"),
+    ({"epoch": "inf"}, "epoch inf: finite"),
+    ({"step": "ten"}, "step 'ten': not an integer"),
+    ({"depth": ""}, "depth '': not an integer"),
+], ids=["kind", "two-kinds", "two-depths", "split", "nan", "error-range", "inf", "step",
+        "depth"])
+def test_a_malformed_curves_csv_row_is_named_not_drawn(tmp_path, change, message):
+  # A second row of the same run, with one bad field: the run is refused, not drawn
+  # with a wrong last epoch or as the other kind.
+  bad = _write_rows(tmp_path / "bad.csv",
+                    [GOOD_ROW, {**GOOD_ROW, "epoch": "2", "step": "8", **change}])
+  with pytest.raises(experiment.RunError, match=re.escape(f"bad.csv: run r8: a malformed "
+                                                          f"row ({message}")):
+    experiment.load_curves_csv(str(bad))
+  (good,) = experiment.load_curves_csv(str(_write_rows(tmp_path / "good.csv", [GOOD_ROW])))
+  assert not good.config["plain"] and good.history[-1]["test_accuracy"] == pytest.approx(0.375)
+
+
+def _write_rows(path, rows):
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=experiment.CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+  return path
 
 
 def test_failed_runs_are_reported_and_outputs_still_written(tmp_path):
