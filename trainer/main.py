@@ -278,11 +278,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with the trainer's error format: `error: ...`, a hint, exit code 2
   (absl's own prints "FATAL Flags parsing error" and exits 1); --help prints the usage
   and the grouped flags and exits 0, as does --helpfull (absl's exits 1)."""
-  texts = {"--helpfull": lambda: f"{USAGE}\n\nevery flag, by module:\n{FLAGS.get_help()}"}
+  texts = {"help": _help_text, "h": _help_text, "?": _help_text, "helpshort": _help_text,
+           "helpfull": lambda: f"{USAGE}\n\nevery flag, by module:\n{FLAGS.get_help()}"}
   for arg in argv[1:]:
-    if arg in ("--help", "-help", "-h", "-?", "--helpshort") or arg in texts:
+    # absl takes -flag as --flag, and --help=true as --help.
+    name, _, value = arg.lstrip("-").partition("=")
+    if arg.startswith("-") and name in texts and value.lower() in ("", "true", "t", "1"):
       with contextlib.suppress(BrokenPipeError):  # e.g. `--help | head`
-        print(texts.get(arg, _help_text)(), flush=True)
+        print(texts[name](), flush=True)
       sys.exit(0)
   try:
     return FLAGS(argv)
