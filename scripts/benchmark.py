@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
-from trainer import flag_definitions  # noqa: E402
+from trainer import cli, flag_definitions  # noqa: E402
 from scripts import window_process  # noqa: E402
 
 # The trainer's flags (trainer/flag_definitions.py), with this script's defaults.
@@ -661,4 +661,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.script_parser)

@@ -20,6 +20,11 @@ import sys
 from absl import app, flags
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if HERE not in sys.path:
+  sys.path.insert(0, HERE)  # `python scripts/X.py` puts scripts/, not the repo, on the path.
+
+from trainer import cli  # noqa: E402
+
 STRATEGY_FLAGS = {"default": ["--strategy=default"],
                   "mirrored": ["--strategy=mirrored", "--cpu_devices=2"]}
 
@@ -85,4 +90,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.script_parser)

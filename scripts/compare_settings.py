@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 
 from scripts.window_process import ProcessExited, WindowProcess  # noqa: E402
+from trainer import cli  # noqa: E402
 THREAD_VARIABLES = {"intra": "TF_NUM_INTRAOP_THREADS", "inter": "TF_NUM_INTEROP_THREADS"}
 
 flags.DEFINE_integer("depth", 20, "ResNet depth (benchmark.py --depth).")
@@ -117,4 +118,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.script_parser)

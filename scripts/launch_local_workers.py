@@ -24,6 +24,11 @@ import time
 from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)  # `python scripts/X.py` puts scripts/, not the repo, on the path.
+
+from trainer import cli  # noqa: E402
+
 
 flags.DEFINE_integer("num_workers", 2, "Workers to start.", lower_bound=1)
 flags.DEFINE_list("ports", None, "Their ports on 127.0.0.1, one per worker (default: free "
@@ -166,4 +171,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.script_parser)

@@ -29,7 +29,7 @@ import keras  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from scripts import flops  # noqa: E402
-from trainer import flag_definitions, resnet  # noqa: E402
+from trainer import cli, flag_definitions, resnet  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -166,4 +166,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.script_parser)

@@ -18,9 +18,16 @@ inter-op thread above for a clean sum. Prints a table and, last, one line of JSO
 
 import collections
 import json
+import os
 import sys
 
 from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)  # `python scripts/X.py` puts scripts/, not the repo, on the path.
+
+from trainer import cli  # noqa: E402
 
 flags.DEFINE_integer("steps", None, "Training steps the log covers (for per-step times).",
                      lower_bound=1, required=True)
@@ -70,4 +77,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.script_parser)

@@ -19,6 +19,7 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)  # `python scripts/X.py` puts scripts/, not the repo, on the path.
 
 from scripts import experiment  # noqa: E402
+from trainer import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -99,4 +100,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.script_parser)

@@ -158,5 +158,20 @@ def main(argv):
   print("\n".join(lines))
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing with this project's conventions (trainer/cli.py's, restated here:
+  this script runs without the project): `error: ...` and exit 2 for a bad flag, and
+  --help exits 0 (absl exits 1 for both)."""
+  if any(arg.lstrip("-").partition("=")[0] in ("help", "h", "?", "helpshort", "helpfull")
+         for arg in argv[1:] if arg.startswith("-")):
+    print(f"{__doc__.strip()}\n\nflags:\n{FLAGS.main_module_help()}")
+    sys.exit(0)
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -19,6 +19,12 @@ import sys
 
 from absl import app, flags
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)  # `python scripts/X.py` puts scripts/, not the repo, on the path.
+
+from trainer import cli  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", None, "Training steps in the trace (END - START of "
                      "--profile_steps), for the per-step times.", lower_bound=1)
@@ -109,4 +115,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.script_parser)

@@ -1,14 +1,16 @@
 """What a person meets: eval and export from the run dir alone, a console without absl's
 prefixes (the full format in train.log), --help for users, and the warm-up warning."""
 
+import ast
 import json
 import pathlib
 import re
 import subprocess
+import sys
 
 import pytest
 
-from conftest import run_main as trainer
+from conftest import REPO, run_main as trainer
 
 ABSL_PREFIX = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+\.py:\d+\]")
 # TensorFlow's C++ log, e.g. "E0000 00:00:1796031308.057040   31302 util.cc:131] ...".
@@ -104,6 +106,31 @@ def test_helpfull_lists_absls_own_flags_too_and_exits_0(arg):
   assert result.stdout.startswith("Train a ResNet")
   for flag in ("--depth:", "--flagfile:", "--verbosity:"):
     assert flag in result.stdout
+
+
+def _script(path: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True,
+                        timeout=120, cwd=REPO)
+
+
+# Every script with flags (scripts/*.py that call app.run), found rather than listed, so a
+# new script is held to the same conventions.
+SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("*.py")
+                 if "app.run(" in p.read_text())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_exits_0_on_help_and_2_with_error_on_a_bad_flag(script):
+  # absl's own: --help exits 1, and a bad flag prints "FATAL Flags parsing error", exit 1.
+  path = REPO / "scripts" / script
+  result = _script(path, "--help")
+  assert result.returncode == 0, result.stderr[-2000:]
+  first_line = ast.get_docstring(ast.parse(path.read_text())).splitlines()[0]
+  assert result.stdout.startswith(first_line)
+  result = _script(path, "--no_such_flag=1")
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "error: Unknown command line flag 'no_such_flag'" in result.stderr
+  assert "FATAL" not in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_warm_up_covering_the_whole_run_is_warned_about(run):

@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 
 from trainer import config as config_lib  # noqa: E402
-from trainer import errors, flag_definitions, run_files, stop  # noqa: E402
+from trainer import cli, errors, flag_definitions, run_files, stop  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -275,26 +275,9 @@ def _help_text() -> str:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with the trainer's error format: `error: ...`, a hint, exit code 2
-  (absl's own prints "FATAL Flags parsing error" and exits 1); --help prints the usage
-  and the grouped flags and exits 0, as does --helpfull (absl's exits 1)."""
-  texts = {"help": _help_text, "h": _help_text, "?": _help_text, "helpshort": _help_text,
-           "helpfull": lambda: f"{USAGE}\n\nevery flag, by module:\n{FLAGS.get_help()}"}
-  for arg in argv[1:]:
-    # absl takes -flag as --flag, and --help=true as --help.
-    name, _, value = arg.lstrip("-").partition("=")
-    if arg.startswith("-") and name in texts and value.lower() in ("", "true", "t", "1"):
-      with contextlib.suppress(BrokenPipeError):  # e.g. `--help | head`
-        print(texts[name](), flush=True)
-      sys.exit(0)
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    message = str(e).removeprefix("ERROR:: ")
-    if "\n" in message:
-      message = "\n" + textwrap.indent(message, "  ")
-    print(f"error: {message}\nsee --help for the flags", file=sys.stderr)
-    sys.exit(2)
+  """absl's parsing in the project's format (cli.parse); --help prints the usage and the
+  grouped flags."""
+  return cli.parse(argv, _help_text, USAGE)
 
 
 if __name__ == "__main__":
