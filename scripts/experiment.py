@@ -376,6 +376,12 @@ def write_curves_csv(runs: Sequence[Run], path: str) -> None:
       writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
+def figure_formats() -> set[str]:
+  """The file name extensions matplotlib can write a figure as (png, pdf, svg, ...)."""
+  from matplotlib.backend_bases import FigureCanvasBase
+  return set(FigureCanvasBase.get_supported_filetypes())
+
+
 def describe_settings(runs: Sequence[Run]) -> str:
   """One line on the data and schedule the runs share, e.g. for the figure's title."""
   if not runs:

@@ -51,19 +51,38 @@ def expand_run_dirs(paths: list[str]) -> list[str]:
   return dirs
 
 
-def main(argv):
-  if len(argv) < 2:
-    print("error: give one or more RUN_DIRs (trainer model dirs, folders of them, or "
-          "curves.csv files)",
-          file=sys.stderr)
-    sys.exit(2)
-  if FLAGS.style == "blog" and FLAGS.x_axis != "epoch":
-    # The blog figure is per epoch; quietly drawing epochs would ignore the request.
-    print("error: --x_axis=step is for --style=he2016; the blog figure is per epoch",
-          file=sys.stderr)
-    sys.exit(2)
+def check_outputs(figure: str, others: list[str]) -> str | None:
+  """Why the figure or another output file cannot be written, or None; checked before
+  any run is read, so a typo costs nothing. Missing parent folders are created."""
+  extension = os.path.splitext(figure)[1].lstrip(".").lower()
+  formats = experiment.figure_formats()
+  if extension not in formats:
+    return (f"--output={figure}: a figure file name ending in one of "
+            f".{', .'.join(sorted(formats))}")
+  for path in [figure, *others]:
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+      return f"{path} is a folder; give a file name"
+    try:
+      os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+      return f"cannot create {parent} for {path}: {e.strerror or e}"
+    if not os.access(parent, os.W_OK) or (os.path.exists(path)
+                                          and not os.access(path, os.W_OK)):
+      return f"{path} is not writable"
+  return None
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def load_runs(sources: list[str]) -> tuple[list, list[str]]:
+  """The runs of these model dirs, folders and curves.csv files, each reported as loaded;
+  and the problems of those that could not be read (also reported)."""
   runs, problems = [], []
-  for source in expand_run_dirs(argv[1:]):
+  for source in expand_run_dirs(sources):
     try:
       loaded = (experiment.load_curves_csv(source) if source.endswith(".csv")
                 else [experiment.load_run(source)])
@@ -78,9 +97,15 @@ def main(argv):
       final = "-" if run.final_test_error is None else f"{run.final_test_error:.2f}%"
       print(f"{run.label}: {run.model_dir} ({state}; curves from {run.history_source}), "
             f"final test error {final}")
-  if not runs:  # Nothing readable was given: bad input (exit 1 is a partial figure).
-    print("error: no run to plot", file=sys.stderr)
-    sys.exit(2)
+  return runs, problems
+
+
+def write_outputs(runs: list, problems: list[str]) -> list[str]:
+  """Draws the figure and writes --csv and --results; returns what was written.
+
+  Raises:
+    OSError: when a file cannot be written after all.
+  """
   if FLAGS.style == "blog":
     experiment.plot_blog_figure(runs, FLAGS.output, title=FLAGS.title)
   else:
@@ -94,6 +119,26 @@ def main(argv):
       f.write(experiment.results_markdown(runs, failures=[f"unreadable: {p}"
                                                           for p in problems]))
     written.append(FLAGS.results)
+  return written
+
+
+def main(argv):
+  if len(argv) < 2:
+    _fail("give one or more RUN_DIRs (trainer model dirs, folders of them, or curves.csv "
+          "files)")
+  if FLAGS.style == "blog" and FLAGS.x_axis != "epoch":
+    # The blog figure is per epoch; quietly drawing epochs would ignore the request.
+    _fail("--x_axis=step is for --style=he2016; the blog figure is per epoch")
+  problem = check_outputs(FLAGS.output, [p for p in (FLAGS.csv, FLAGS.results) if p])
+  if problem:
+    _fail(problem)
+  runs, problems = load_runs(argv[1:])
+  if not runs:  # Nothing readable was given: bad input (exit 1 is a partial figure).
+    _fail("no run to plot")
+  try:
+    written = write_outputs(runs, problems)
+  except OSError as e:
+    _fail(f"cannot write {e.filename}: {e.strerror or e}")
   print(f"wrote {', '.join(written)}")
   if problems:
     sys.exit(1)

@@ -182,6 +182,31 @@ def test_a_malformed_curves_csv_row_is_named_not_drawn(tmp_path, change, message
   assert not good.config["plain"] and good.history[-1]["test_accuracy"] == pytest.approx(0.375)
 
 
+@pytest.mark.parametrize("outputs, message", [
+    (["--output={tmp}/figure.txt"], "--output={tmp}/figure.txt: a figure file name ending "
+                                    "in one of .avif, .eps"),
+    (["--output={tmp}"], "--output={tmp}: a figure file name"),
+    (["--output={tmp}/folder.png"], "{tmp}/folder.png is a folder; give a file name"),
+    (["--output={tmp}/f.png", "--csv={tmp}/file.txt/c.csv"],
+     "cannot create {tmp}/file.txt for {tmp}/file.txt/c.csv"),
+], ids=["extension", "no-extension", "folder", "parent-is-a-file"])
+def test_plot_runs_refuses_outputs_it_cannot_write_before_reading_runs(tmp_path, outputs,
+                                                                       message):
+  (tmp_path / "folder.png").mkdir()
+  (tmp_path / "file.txt").write_text("")
+  rows = _write_rows(tmp_path / "runs.csv", [GOOD_ROW])
+  result = run_script("plot_runs.py", rows, *(o.format(tmp=tmp_path) for o in outputs))
+  assert result.returncode == 2
+  assert f"error: {message.format(tmp=tmp_path)}" in result.stderr
+  assert "Traceback" not in result.stderr and "ResNet-8" not in result.stdout
+  # Missing parent folders are made.
+  figure = tmp_path / "new" / "sub" / "figure.svg"
+  result = run_script("plot_runs.py", rows, f"--output={figure}",
+                      f"--results={tmp_path / 'new' / 'results.md'}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert figure.stat().st_size > 0 and (tmp_path / "new" / "results.md").exists()
+
+
 def _write_rows(path, rows):
   with open(path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=experiment.CSV_COLUMNS)
