@@ -330,7 +330,9 @@ def run_jobs(jobs: list[Job], extra_args: list[str], parallel: int,
         for line in tail:
           print(f"  | {line}", file=sys.stderr)
         sys.stderr.flush()
-        last = next((line for line in reversed(tail) if line.strip()), "")
+        # The trainer's `error:` line says why; a hint may follow it.
+        last = next((line for line in reversed(tail) if line.startswith("error:")),
+                    next((line for line in reversed(tail) if line.strip()), ""))
         failures.append(f"{run.job.label}: exit code {code} ({last.strip()}); see "
                         f"{run.log.name}")
   except KeyboardInterrupt:
@@ -392,24 +394,35 @@ def _settings() -> dict:
   return settings
 
 
-def main(argv):
-  if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  settings = _settings()
+def _depths(listed: list[str]) -> list[int]:
+  """--depths as integers, each a depth the trainer builds, none twice; else exit 2."""
   try:
-    depths = [int(d) for d in settings["depths"]]
+    depths = [int(d) for d in listed]
   except ValueError:
-    _fail(f"--depths must be integers, got {','.join(settings['depths'])}")
+    _fail(f"--depths must be integers, got {','.join(listed)}")
+  if not depths:
+    _fail("--depths is empty: give one or more, e.g. --depths=20,32,44,56")
   bad, supported = unsupported_depths(depths)
   if bad:
     _fail(f"--depths: {', '.join(map(str, bad))} not supported; {supported}")
   if len(set(depths)) != len(depths):
     _fail(f"--depths lists a depth twice: {','.join(map(str, depths))}")
+  return depths
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  settings = _settings()
+  depths = _depths(settings["depths"])
   extra_args, extra_values = parse_extra_args(FLAGS.extra_args)
   gpus = FLAGS.gpus or None
   parallel = FLAGS.parallel or (len(gpus) if gpus else 1)
   output_dir = os.path.abspath(FLAGS.output_dir)
-  os.makedirs(output_dir, exist_ok=True)
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+  except OSError as e:
+    _fail(f"--output_dir={FLAGS.output_dir}: cannot create it ({e.strerror or e})")
 
   jobs = make_jobs(depths, settings, output_dir)
   steps = f" x {settings['steps_per_epoch']} steps" if settings["steps_per_epoch"] else ""

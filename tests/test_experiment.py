@@ -215,6 +215,33 @@ def _write_rows(path, rows):
   return path
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--depths="], "error: --depths is empty: give one or more"),
+    (["--depths=8", "--output_dir={tmp}/file.txt/out"],
+     "error: --output_dir={tmp}/file.txt/out: cannot create it"),
+], ids=["no-depths", "output-dir-under-a-file"])
+def test_a_study_that_cannot_run_is_refused_with_error_and_exit_2(tmp_path, args, message):
+  (tmp_path / "file.txt").write_text("")
+  args = [a.format(tmp=tmp_path) for a in args]
+  if not any(a.startswith("--output_dir") for a in args):
+    args.append(f"--output_dir={tmp_path / 'out'}")
+  result = run_script("compare_plain_residual.py", "--data_source=synthetic", *args)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert message.format(tmp=tmp_path) in result.stderr and "Traceback" not in result.stderr
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_run_is_summed_up_by_the_trainers_error_line_not_its_hint(tmp_path):
+  # The trainer prints `error: ...` then a hint ("see --help for the flags").
+  result = run_script("compare_plain_residual.py", "--depths=8", "--data_source=synthetic",
+                      "--extra_args=--no_such_flag=1", "--parallel=2",
+                      f"--output_dir={tmp_path / 'out'}")
+  assert result.returncode == 1
+  results = (tmp_path / "out" / "results.md").read_text()
+  assert ("plain-8: exit code 2 (error: Unknown command line flag 'no_such_flag'); see "
+          in results)
+
+
 def test_failed_runs_are_reported_and_outputs_still_written(tmp_path):
   result = run_script("compare_plain_residual.py", "--depths=8", "--data_source=folder",
                       f"--data_dir={tmp_path / 'missing'}", "--epochs=1", "--parallel=2",
