@@ -140,6 +140,8 @@ def test_run_training_returns_the_trained_model_its_last_checkpoint_holds(tmp_pa
     ("--depth=37", "supported depths"),
     ("--global_batch_size=0", "global_batch_size"),
     ("--global_batch_size=-8", "global_batch_size"),
+    ("--seed=-5", "--seed must be in [0, 2**32), got -5"),  # NumPy's seeds are 32 bits:
+    ("--seed=4294967296", "--seed must be in [0, 2**32)"),  # both were tracebacks.
 ])
 def test_bad_flags_fail_clearly_and_write_nothing(tmp_path, flag, message):
   model_dir = tmp_path / "run"

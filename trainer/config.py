@@ -110,6 +110,8 @@ class Config:
     for name in ("weight_decay", "warmup_epochs", "momentum", "validation_split"):
       if getattr(self, name) < 0:
         raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+    if not 0 <= self.seed < 2**32:  # NumPy's seeds (keras.utils.set_random_seed) are 32 bits.
+      raise ConfigError(f"--seed must be in [0, 2**32), got {self.seed}")
     if not 0 <= self.bn_momentum < 1:
       raise ConfigError(f"--bn_momentum must be in [0, 1), got {self.bn_momentum}")
     if self.data_source == "folder" and not self.data_dir:

@@ -180,7 +180,8 @@ DEFINITIONS: dict[str, _Flag] = {
                      "holds out and of synthetic data; with --deterministic also of the "
                      "data order and augmentation, which are otherwise drawn for every new "
                      "run (and logged: 'data order and augmentation: seed N (drawn for this "
-                     "run)') and kept when it resumes (config.json's data_seed_resolved)."),
+                     "run)') and kept when it resumes (config.json's data_seed_resolved). 0 to "
+                     "2**32 - 1."),
 }
 
 
