@@ -80,12 +80,17 @@ def test_different_architecture_is_refused_and_nothing_changes(tmp_path):
   assert json.loads((model_dir / "metrics.json").read_text())["resumed_from_step"] == 0
 
 
-def test_unwritable_model_dir_fails_before_training(tmp_path):
+@pytest.mark.parametrize("under, message", [
+    ("/run", "is not writable: Not a directory"),
+    ("", "is a file, not a directory"),
+], ids=["below-a-file", "a-file"])
+def test_unwritable_model_dir_fails_before_training(tmp_path, under, message):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
-  result = run_main(*TINY_FLAGS, "--epochs=1", f"--model_dir={blocker}/run")
+  result = run_main(*TINY_FLAGS, "--epochs=1", f"--model_dir={blocker}{under}")
   assert result.returncode == 2
-  assert "not writable" in result.stderr and "Traceback" not in result.stderr
+  assert f"error: --model_dir={blocker}{under} {message}" in result.stderr
+  assert "Traceback" not in result.stderr and blocker.read_text() == "not a directory"
 
 
 def test_full_disk_fails_before_training(tmp_path, monkeypatch):

@@ -228,6 +228,8 @@ def recorded_data_seed(config: Config) -> int | None:
 
 def check_writable(model_dir: str) -> None:
   """Creates model_dir if needed and fails early if we cannot write into it."""
+  if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+    raise RunDirError(f"--model_dir={model_dir} is a file, not a directory")
   try:
     os.makedirs(model_dir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=model_dir):
