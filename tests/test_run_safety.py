@@ -206,14 +206,25 @@ def test_malformed_run_files_are_one_line_errors(finished_run, tmp_path, name, c
   assert snapshot(model_dir) == before
 
 
-@pytest.mark.parametrize("mode", ["eval", "export"])
-def test_eval_and_export_of_a_damaged_checkpoint_are_one_line_errors(finished_run, tmp_path,
-                                                                      mode):
+@pytest.mark.parametrize("mode, damage", [
+    ("eval", "junk data"), ("export", "junk index"), ("eval", "no data"),
+    ("export", "truncated data")])
+def test_eval_and_export_of_a_damaged_checkpoint_say_it_is_damaged(finished_run, tmp_path,
+                                                                   mode, damage):
+  # Not "was it trained with other --depth ...?": the file itself does not read back.
   model_dir = copy_run(finished_run, tmp_path / "run")
-  for data in model_dir.glob("*/ckpt-*.data-*"):
-    data.write_bytes(b"junk")
+  for path in model_dir.glob("checkpoints/ckpt-6.*"):
+    if damage == "junk data" and ".data-" in path.name:
+      path.write_bytes(b"junk")
+    elif damage == "junk index" and path.suffix == ".index":
+      path.write_bytes(b"junk")
+    elif damage == "no data" and ".data-" in path.name:
+      path.unlink()
+    elif damage == "truncated data" and ".data-" in path.name:
+      path.write_bytes(path.read_bytes()[:1000])
   result = trainer(*TINY, f"--mode={mode}", "--checkpoint=latest", f"--model_dir={model_dir}")
-  assert_user_error(result, "ckpt-6")
+  assert_user_error(result, "checkpoints/ckpt-6 is damaged (",
+                    "pick another with --checkpoint=PATH_PREFIX")
 
 
 def test_eval_prints_its_result_before_failing_to_write_eval_json(finished_run, tmp_path):

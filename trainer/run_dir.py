@@ -501,6 +501,17 @@ def resolve_checkpoint(model_dir: str, which: str) -> str:
   return which
 
 
+def _read_error(path: str) -> Exception | None:
+  """Why the checkpoint at `path` does not read back on its own (every tensor), or None."""
+  try:
+    reader = tf.train.load_checkpoint(path)
+    for key in reader.get_variable_to_shape_map():
+      reader.get_tensor(key)
+  except (tf.errors.OpError, ValueError, IndexError) as e:
+    return e
+  return None
+
+
 def restore_for_inference(checkpoint: tf.train.Checkpoint, path: str, model_name: str,
                           settings: str = "--depth/--plain/--stem/--shortcut/--stage_*/"
                           "--ema_decay") -> None:
@@ -513,9 +524,13 @@ def restore_for_inference(checkpoint: tf.train.Checkpoint, path: str, model_name
   try:
     checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
   except (tf.errors.OpError, AssertionError, ValueError, IndexError, KeyError) as e:
-    if isinstance(e, (tf.errors.DataLossError, IndexError)) or "corrupted" in str(e):
-      raise CheckpointError(f"{path} is damaged ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]}); pick another with "
+    # A file that does not read back on its own is damaged, whatever the model.
+    damage = _read_error(path) or (
+        e if isinstance(e, (tf.errors.DataLossError, IndexError)) or "corrupted" in str(e)
+        else None)
+    if damage is not None:
+      raise CheckpointError(f"{path} is damaged ({type(damage).__name__}: "
+                            f"{str(damage).splitlines()[0][:200]}); pick another with "
                             "--checkpoint=PATH_PREFIX") from None
     raise CheckpointError(
         f"cannot restore {path} into {model_name} ({type(e).__name__}); was it trained "
