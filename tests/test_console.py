@@ -5,6 +5,7 @@ import ast
 import json
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -70,8 +71,21 @@ def test_eval_and_export_need_nothing_but_the_run_dir(run, tmp_path):
   exported = trainer("--mode=export", f"--model_dir={model_dir}",
                      f"--export_dir={tmp_path / 'export'}", "--epochs=9", cwd=tmp_path)
   assert exported.returncode == 0, exported.stderr[-3000:]
-  assert "ignored: --epochs" in exported.stderr
+  assert (f"warning: --mode=export uses the run's own settings from {model_dir}/config.json; "
+          "ignored: --epochs") in exported.stderr.splitlines()  # A console line, unprefixed.
   assert (tmp_path / "export" / "model.keras").exists()
+
+
+def test_eval_of_a_run_dir_without_config_json_names_the_settings_standing_in(run, tmp_path):
+  model_dir, _ = run
+  copy = tmp_path / "r8"
+  shutil.copytree(model_dir / "checkpoints", copy / "checkpoints")
+  result = trainer("--mode=eval", f"--model_dir={copy}", "--depth=8",
+                   "--data_source=synthetic", "--eval_steps=1")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (f"warning: --mode=eval: no {copy}/config.json (the run's settings); the flags' "
+          "settings stand in: --depth=8 --plain=false --stem=cifar --ema_decay=0.0 "
+          "--data_source=synthetic; pass the run's own if they differ") in result.stderr
 
 
 @pytest.mark.parametrize("flag, needle", [

@@ -27,13 +27,18 @@ flag_definitions.define()
 _INT_TUPLES = ("stage_sizes", "stage_widths", "profile_steps")
 
 
-def config_from_flags() -> config_lib.Config:
+def config_from_flags(notes: list[str] | None = None) -> config_lib.Config:
   """Builds the Config from the parsed flags (flag names equal field names).
 
   Training: a field takes its flag's value when the flag was given, else the recipe's
   value, else the flag's default. --mode=eval/export of an existing run: the run's own
   settings (its config.json), with the given flags where they may differ.
+
+  Args:
+    notes: receives the warnings about the settings, for the console once it is set up
+      (logged at once without it).
   """
+  warn = logging.warning if notes is None else lambda text: notes.append(text)
   from trainer import recipes
   recipe = recipes.RECIPES[FLAGS.recipe]
   values, given = {}, {}
@@ -50,14 +55,32 @@ def config_from_flags() -> config_lib.Config:
     if flag.present or field in ("mode", "model_dir"):
       given[field] = value
   saved_path = os.path.join(FLAGS.model_dir, run_files.CONFIG_FILE)
-  if FLAGS.mode == "train" or not os.path.exists(saved_path):
+  if FLAGS.mode == "train":
     return config_lib.Config(**values)
+  if not os.path.exists(saved_path):
+    config = config_lib.Config(**values)
+    warn(f"--mode={FLAGS.mode}: no {saved_path} (the run's settings); the flags' settings "
+         f"stand in: {_architecture_and_data(config)}; pass the run's own if they differ")
+    return config
   config, ignored = config_lib.for_existing_run(
       run_files.read_json(saved_path, "the run's settings"), given, saved_path)
   if ignored:
-    logging.warning("--mode=%s uses the run's own settings from %s; ignored: %s",
-                    FLAGS.mode, saved_path, ", ".join(f"--{name}" for name in ignored))
+    warn(f"--mode={FLAGS.mode} uses the run's own settings from {saved_path}; ignored: "
+         + ", ".join(f"--{name}" for name in ignored))
   return config
+
+
+def _architecture_and_data(config: config_lib.Config) -> str:
+  """The flags that decide what a checkpoint fits and what it is evaluated on."""
+  names = (*config_lib.RUN_DEFINING, "data_source", "data_dir")
+  return " ".join(f"--{name}={_flag_text(getattr(config, name))}" for name in names
+                  if getattr(config, name) is not None)
+
+
+def _flag_text(value) -> str:
+  if isinstance(value, bool):
+    return str(value).lower()
+  return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -172,11 +195,13 @@ def _check_cpu_devices_used(cpu_devices: int, strategy) -> None:
                     strategy.num_replicas_in_sync)
 
 
-def _run(config: config_lib.Config, handler: stop.SignalHandler) -> str:
+def _run(config: config_lib.Config, handler: stop.SignalHandler, notes: list[str]) -> str:
   """Runs the mode; returns the line that reports its result."""
   from trainer import console, distribute
   log_file = console.configure(config.model_dir if config.mode == "train" else None)
   logging.info("%s", console.settings_block(config))
+  for note in notes:
+    logging.warning("%s", note)
   if config.mode != "train" and not FLAGS.tf_logs:
     import tensorflow as tf
     tf.get_logger().setLevel("ERROR")  # Checkpoint-reading chatter is not the user's news.
@@ -205,7 +230,8 @@ def main(argv):
   handler.install()
   try:
     # The Config is pure Python: a bad setting is reported before TensorFlow loads.
-    config = config_from_flags()
+    notes = []
+    config = config_from_flags(notes)
     _import_tensorflow(FLAGS.tf_logs)
     import tensorflow as tf
   except errors.UserError as e:
@@ -213,7 +239,7 @@ def main(argv):
   except KeyboardInterrupt as e:
     _stop(handler, stop.signal_of(e), " while starting up; nothing was written")
   try:
-    print(_run(config, handler))
+    print(_run(config, handler, notes))
   except errors.UserError as e:
     _fail(str(e))
   except errors.TrainingError as e:
