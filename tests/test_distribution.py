@@ -484,6 +484,24 @@ def test_launcher_stops_the_other_workers_when_one_fails(error_runs):
   assert not model_dir.exists()
 
 
+@pytest.mark.parametrize("launcher, trainer, message", [
+    ("--ports=70000,70001", "--depth=8",
+     "--ports needs 2 port numbers (1-65535), got 70000,70001"),
+    ("--ports=5000", "--depth=8", "--ports needs 2 port numbers (1-65535), got 5000"),
+    ("--ports=5000,5000", "--depth=8", "--ports lists a port twice: 5000,5000"),
+    ("--num_workers=2", "--strategy=mirrored",
+     "the launcher sets --strategy=multi_worker; leave it out"),
+], ids=["out-of-range", "too-few", "twice", "strategy"])
+def test_launcher_refuses_what_cannot_work_before_starting_a_worker(tmp_path, launcher,
+                                                                    trainer, message):
+  result = subprocess.run(
+      [sys.executable, "scripts/launch_local_workers.py", launcher, "--", trainer,
+       "--data_source=synthetic", f"--model_dir={tmp_path / 'run'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and f"error: {message}" in result.stderr, result.stderr
+  assert "[worker" not in result.stdout and not (tmp_path / "run").exists()
+
+
 def two_long_workers(tmp_path: pathlib.Path) -> list[Run]:
   """Two workers of one cluster on synthetic data, with far more steps than a test waits for."""
   ports = free_ports(2)
