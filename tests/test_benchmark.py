@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, skip_unless_cpu_runs
 
 
@@ -40,11 +42,19 @@ def test_compare_times_the_trainer_at_each_precision_asked_for():
     assert abs(figures["share_of_peak"] - expected) <= 1e-9 * expected, name
 
 
-def test_compare_refuses_an_unknown_precision():
-  result = _benchmark("--compare", "--compare_precisions=float8")
-  assert result.returncode != 0
-  assert "'float8' is not float32, mixed_float16 or mixed_bfloat16" in result.stderr
-  assert "Traceback" not in result.stderr
+@pytest.mark.parametrize("args, message", [
+    (["--compare", "--compare_precisions=float8"],
+     "--compare_precisions: 'float8' is not float32, mixed_float16 or mixed_bfloat16"),
+    (["--compare_precisions=mixed_bfloat16"], "--compare_precisions needs --compare"),
+    (["--depth=7"], "--depth=7: unsupported depth 7"),
+    (["--compare", "--torch_python=/nonexistent/python"],
+     "--torch_python=/nonexistent/python is not an executable file"),
+], ids=["unknown-precision", "precisions-without-compare", "depth", "torch-python"])
+def test_benchmark_refuses_what_cannot_run_with_error_and_exit_2(args, message):
+  # Were a traceback (depth, torch python) or absl's usage text and exit 1.
+  result = _benchmark(*args)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.startswith(f"error: {message}"), result.stderr[-3000:]
 
 
 def _compare_checkouts(*args: str) -> subprocess.CompletedProcess:
