@@ -25,11 +25,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Runnable as `python scripts/model_summary.py` from anywhere: the repo root is one up.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import keras  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from scripts import flops  # noqa: E402
-from trainer import cli, flag_definitions, resnet  # noqa: E402
+# Pure Python: --help and flag errors answer without loading TensorFlow (describe does).
+from trainer import architecture as architecture_lib, cli, flag_definitions  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -41,11 +40,11 @@ flags.DEFINE_boolean("all", False, "One table row per depth of the table (ImageN
                      "few minutes (it builds ResNet-1202 and ResNet-152).")
 
 _SINGLE_NETWORK_FLAGS = ("depth", "plain", "stage_sizes", "stage_widths")
-ALL_DEPTHS = (*resnet.IMAGENET_DEPTHS, *resnet.CIFAR_EXAMPLE_DEPTHS)
+ALL_DEPTHS = (*architecture_lib.IMAGENET_DEPTHS, *architecture_lib.CIFAR_EXAMPLE_DEPTHS)
 _FLOPS_NOTE = "FLOPs = 2 x multiply-accumulates of the convolution and dense layers"
 
 
-def describe(arch: resnet.Architecture) -> dict:
+def describe(arch: architecture_lib.Architecture) -> dict:
   """Builds the network and measures it.
 
   Args:
@@ -53,6 +52,9 @@ def describe(arch: resnet.Architecture) -> dict:
   Returns:
     the JSON-ready summary (keys as in the module docstring).
   """
+  import keras
+  from scripts import flops
+  from trainer import resnet
   model = resnet.build_model(arch)
   summary = {
       "family": arch.family,
@@ -85,7 +87,8 @@ def _int_list(name: str, values: list[str] | None) -> tuple[int, ...] | None:
 
 
 def _print_one(s: dict) -> None:
-  expansion = resnet.BOTTLENECK_EXPANSION if s["block"] == resnet.BOTTLENECK else 1
+  expansion = (architecture_lib.BOTTLENECK_EXPANSION
+               if s["block"] == architecture_lib.BOTTLENECK else 1)
   shortcut = {None: "none (plain twin)",
               "A": "A (strided identity + zero-padded channels, parameter-free)",
               "B": "B (1x1 projection + batch norm where the shape changes)"}[s["shortcut"]]
@@ -121,7 +124,7 @@ def _print_all(stem: str, shortcut: str | None) -> list[dict]:
   print("-" * len(header))
   summaries = []
   for depth in ALL_DEPTHS:
-    twins = [describe(resnet.architecture(depth, plain=plain, stem=stem,
+    twins = [describe(architecture_lib.architecture(depth, plain=plain, stem=stem,
                                           shortcut=shortcut))
              for plain in (False, True)]
     res, pl = twins
@@ -148,13 +151,13 @@ def main(argv):
       _fail(f"--all lists every depth, residual and plain; it takes no "
             f"{', '.join(clashing)}")
     try:
-      resnet.architecture(20, stem=FLAGS.stem, shortcut=FLAGS.shortcut)
+      architecture_lib.architecture(20, stem=FLAGS.stem, shortcut=FLAGS.shortcut)
     except ValueError as e:
       _fail(str(e))
     print(json.dumps(_print_all(FLAGS.stem, FLAGS.shortcut)))
     return
   try:
-    arch = resnet.architecture(
+    arch = architecture_lib.architecture(
         FLAGS.depth, plain=FLAGS.plain, stem=FLAGS.stem, shortcut=FLAGS.shortcut,
         stage_sizes=_int_list("stage_sizes", FLAGS.stage_sizes),
         stage_widths=_int_list("stage_widths", FLAGS.stage_widths))
