@@ -79,8 +79,7 @@ def main(argv):
     try:
       train, test = sources.load_splits(FLAGS.data_source, FLAGS.data_dir, FLAGS.seed)
     except sources.DataError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+      cli.fail(str(e))
   loaded = train.num_examples + test.num_examples
   print(f"load ({FLAGS.data_source}): {loaded} images in {load.seconds:.2f} s = "
         f"{loaded / load.seconds:,.0f} images/s (CPU {load.cpu_seconds:.1f} s, other "

@@ -41,11 +41,6 @@ flags.DEFINE_list("benchmark_args", [], "More flags for benchmark.py in both che
 FLAGS = flags.FLAGS
 
 
-def fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def images_per_second(checkout: str, depth: str, strategy: str) -> float:
   """One benchmark.py run in `checkout`: its median images/s."""
   command = [sys.executable, "scripts/benchmark.py", f"--depth={depth}", "--nobaseline",
@@ -54,7 +49,7 @@ def images_per_second(checkout: str, depth: str, strategy: str) -> float:
              *FLAGS.benchmark_args]
   result = subprocess.run(command, cwd=checkout, capture_output=True, text=True, check=False)
   if result.returncode != 0:
-    fail(f"{' '.join(command[1:])} failed in {checkout}:\n{result.stderr[-2000:]}")
+    cli.fail(f"{' '.join(command[1:])} failed in {checkout}:\n{result.stderr[-2000:]}")
   return float(json.loads(result.stdout.strip().splitlines()[-1])["images_per_second"])
 
 
@@ -62,10 +57,10 @@ def main(argv):
   del argv
   checkouts = {"this": HERE, "other": os.path.abspath(FLAGS.other)}
   if not os.path.isfile(os.path.join(checkouts["other"], "scripts", "benchmark.py")):
-    fail(f"--other={FLAGS.other} is not a checkout of this project (no scripts/benchmark.py)")
+    cli.fail(f"--other={FLAGS.other} is not a checkout of this project (no scripts/benchmark.py)")
   unknown = set(FLAGS.strategies) - set(STRATEGY_FLAGS)
   if unknown:
-    fail(f"--strategies: {', '.join(sorted(unknown))} not among {', '.join(STRATEGY_FLAGS)}")
+    cli.fail(f"--strategies: {', '.join(sorted(unknown))} not among {', '.join(STRATEGY_FLAGS)}")
   figures = {}
   for round_index in range(FLAGS.rounds):
     order = list(checkouts) if round_index % 2 == 0 else list(reversed(checkouts))

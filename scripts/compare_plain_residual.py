@@ -157,10 +157,10 @@ def parse_extra_args(text: str) -> tuple[list[str], dict[str, str]]:
   args, values = shlex.split(text), {}
   for arg in args:
     if not arg.startswith("--"):
-      _fail(f"--extra_args: {arg!r} is not a --flag")
+      cli.fail(f"--extra_args: {arg!r} is not a --flag")
     name, has_value, value = arg[2:].partition("=")
     if name in OWN_TRAINER_FLAGS:
-      _fail(f"--extra_args: set --{name.removeprefix('no')} through this "
+      cli.fail(f"--extra_args: set --{name.removeprefix('no')} through this "
                            "script's own flag, not --extra_args")
     if not has_value:  # absl booleans: --flag and --noflag.
       name, value = (name[2:], "false") if name.startswith("no") else (name, "true")
@@ -196,12 +196,6 @@ def run_state(job: Job, extra_values: dict[str, str]) -> str:
     if "total_steps" not in config and metrics.get("epochs") == config.get("epochs"):
       return "finished"
   return "unfinished"
-
-
-def _fail(message: str) -> None:
-  # Not app.UsageError: that prints this module's whole docstring before the message.
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def unsupported_depths(depths: list[int]) -> tuple[list[int], str]:
@@ -399,20 +393,20 @@ def _depths(listed: list[str]) -> list[int]:
   try:
     depths = [int(d) for d in listed]
   except ValueError:
-    _fail(f"--depths must be integers, got {','.join(listed)}")
+    cli.fail(f"--depths must be integers, got {','.join(listed)}")
   if not depths:
-    _fail("--depths is empty: give one or more, e.g. --depths=20,32,44,56")
+    cli.fail("--depths is empty: give one or more, e.g. --depths=20,32,44,56")
   bad, supported = unsupported_depths(depths)
   if bad:
-    _fail(f"--depths: {', '.join(map(str, bad))} not supported; {supported}")
+    cli.fail(f"--depths: {', '.join(map(str, bad))} not supported; {supported}")
   if len(set(depths)) != len(depths):
-    _fail(f"--depths lists a depth twice: {','.join(map(str, depths))}")
+    cli.fail(f"--depths lists a depth twice: {','.join(map(str, depths))}")
   return depths
 
 
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   settings = _settings()
   depths = _depths(settings["depths"])
   extra_args, extra_values = parse_extra_args(FLAGS.extra_args)
@@ -422,7 +416,7 @@ def main(argv):
   try:
     os.makedirs(output_dir, exist_ok=True)
   except OSError as e:
-    _fail(f"--output_dir={FLAGS.output_dir}: cannot create it ({e.strerror or e})")
+    cli.fail(f"--output_dir={FLAGS.output_dir}: cannot create it ({e.strerror or e})")
 
   jobs = make_jobs(depths, settings, output_dir)
   steps = f" x {settings['steps_per_epoch']} steps" if settings["steps_per_epoch"] else ""

@@ -43,11 +43,6 @@ flags.DEFINE_integer("warmup_windows", 1, "Rounds run before timing.")
 FLAGS = flags.FLAGS
 
 
-def fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def command_and_environment(setting: str) -> tuple[list[str], dict]:
   """benchmark.py --serve's command line and environment for one setting."""
   command = [sys.executable, os.path.join(HERE, "scripts", "benchmark.py"), "--serve",
@@ -56,7 +51,7 @@ def command_and_environment(setting: str) -> tuple[list[str], dict]:
   for word in setting.split():
     key, equals, value = word.partition("=")
     if not equals or not key or not value:
-      fail(f"--setting={setting!r}: {word!r} is not KEY=VALUE")
+      cli.fail(f"--setting={setting!r}: {word!r} is not KEY=VALUE")
     if key in THREAD_VARIABLES:
       environment[THREAD_VARIABLES[key]] = value
     elif key.isupper():
@@ -68,13 +63,14 @@ def command_and_environment(setting: str) -> tuple[list[str], dict]:
 
 def servers() -> list[WindowProcess]:
   """A server per setting (the first is the reference) and, with --torch_python, PyTorch."""
-  started = [WindowProcess(setting, *command_and_environment(setting)) for setting in FLAGS.setting]
+  started = [WindowProcess(setting, *command_and_environment(setting))
+             for setting in FLAGS.setting]
   if FLAGS.torch_python:
     script = os.path.join(HERE, "results", "checks", "torch_resnet_benchmark.py")
     started.append(WindowProcess("pytorch", [FLAGS.torch_python, script, "--serve",
-                                      f"--depth={FLAGS.depth}",
-                                      f"--batch_size={FLAGS.global_batch_size}"],
-                          dict(os.environ)))
+                                             f"--depth={FLAGS.depth}",
+                                             f"--batch_size={FLAGS.global_batch_size}"],
+                                 dict(os.environ)))
   return started
 
 
@@ -96,7 +92,7 @@ def main(argv):
   try:
     running = servers()
   except ProcessExited as error:
-    fail(str(error))
+    cli.fail(str(error))
   try:
     rates = interleaved_rates(running)
   finally:

@@ -158,26 +158,21 @@ def launch(num_workers: int, trainer_args: list[str], ports: list[int] | None = 
     stop_all(workers, 0)  # Nothing outlives the launcher, whatever happened.
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def _ports(listed: list[str] | None, workers: int) -> list[int] | None:
   """--ports as port numbers, one per worker, distinct; None for free ports; else exit 2."""
   if not listed:
     return None
   if len(listed) != workers or not all(p.isdigit() and 0 < int(p) < 65536 for p in listed):
-    _fail(f"--ports needs {workers} port numbers (1-65535), got {','.join(listed)}")
+    cli.fail(f"--ports needs {workers} port numbers (1-65535), got {','.join(listed)}")
   if len(set(map(int, listed))) != workers:
-    _fail(f"--ports lists a port twice: {','.join(listed)}")
+    cli.fail(f"--ports lists a port twice: {','.join(listed)}")
   return [int(p) for p in listed]
 
 
 def main(argv: list[str]) -> None:
   trainer_args = argv[1:]
   if any(arg.startswith("--strategy") for arg in trainer_args):
-    _fail("the launcher sets --strategy=multi_worker; leave it out")
+    cli.fail("the launcher sets --strategy=multi_worker; leave it out")
   ports = _ports(FLAGS.ports, FLAGS.num_workers)
   sys.exit(launch(FLAGS.num_workers, trainer_args, ports, FLAGS.stop_grace_seconds))
 

@@ -137,23 +137,18 @@ def _print_all(stem: str, shortcut: str | None) -> list[dict]:
   return summaries
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.all:
     clashing = [f"--{n}" for n in _SINGLE_NETWORK_FLAGS if FLAGS[n].present]
     if clashing:
-      _fail(f"--all lists every depth, residual and plain; it takes no "
+      cli.fail(f"--all lists every depth, residual and plain; it takes no "
             f"{', '.join(clashing)}")
     try:
       architecture_lib.architecture(20, stem=FLAGS.stem, shortcut=FLAGS.shortcut)
     except ValueError as e:
-      _fail(str(e))
+      cli.fail(str(e))
     print(json.dumps(_print_all(FLAGS.stem, FLAGS.shortcut)))
     return
   try:
@@ -162,7 +157,7 @@ def main(argv):
         stage_sizes=_int_list("stage_sizes", FLAGS.stage_sizes),
         stage_widths=_int_list("stage_widths", FLAGS.stage_widths))
   except ValueError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   summary = describe(arch)
   _print_one(summary)
   print(json.dumps(summary))

@@ -73,11 +73,6 @@ def check_outputs(figure: str, others: list[str]) -> str | None:
   return None
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def load_runs(sources: list[str]) -> tuple[list, list[str]]:
   """The runs of these model dirs, folders and curves.csv files, each reported as loaded;
   and the problems of those that could not be read (also reported)."""
@@ -124,21 +119,21 @@ def write_outputs(runs: list, problems: list[str]) -> list[str]:
 
 def main(argv):
   if len(argv) < 2:
-    _fail("give one or more RUN_DIRs (trainer model dirs, folders of them, or curves.csv "
+    cli.fail("give one or more RUN_DIRs (trainer model dirs, folders of them, or curves.csv "
           "files)")
   if FLAGS.style == "blog" and FLAGS.x_axis != "epoch":
     # The blog figure is per epoch; quietly drawing epochs would ignore the request.
-    _fail("--x_axis=step is for --style=he2016; the blog figure is per epoch")
+    cli.fail("--x_axis=step is for --style=he2016; the blog figure is per epoch")
   problem = check_outputs(FLAGS.output, [p for p in (FLAGS.csv, FLAGS.results) if p])
   if problem:
-    _fail(problem)
+    cli.fail(problem)
   runs, problems = load_runs(argv[1:])
   if not runs:  # Nothing readable was given: bad input (exit 1 is a partial figure).
-    _fail("no run to plot")
+    cli.fail("no run to plot")
   try:
     written = write_outputs(runs, problems)
   except OSError as e:
-    _fail(f"cannot write {e.filename}: {e.strerror or e}")
+    cli.fail(f"cannot write {e.filename}: {e.strerror or e}")
   print(f"wrote {', '.join(written)}")
   if problems:
     sys.exit(1)

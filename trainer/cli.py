@@ -15,6 +15,13 @@ _HELP = ("help", "h", "?", "helpshort")
 _HELPFULL = "helpfull"
 
 
+def fail(message: str, code: int = 2) -> None:
+  """`error: <message>` on stderr and exit `code`: every user error of the trainer and the
+  scripts (not app.UsageError, which prints the whole docstring first and exits 1)."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
 def requested_help(argv: list[str]) -> str | None:
   """"help" or "helpfull" if an argument asks for it, in any spelling absl takes (-help,
   --help, --help=true); else None."""
@@ -49,8 +56,7 @@ def parse(argv: list[str], help_text: Callable[[], str], usage: str) -> list[str
     message = str(e).removeprefix("ERROR:: ")
     if "\n" in message:
       message = "\n" + textwrap.indent(message, "  ")
-    print(f"error: {message}\nsee --help for the flags", file=sys.stderr)
-    sys.exit(2)
+    fail(f"{message}\nsee --help for the flags")
 
 
 def script_help() -> str:

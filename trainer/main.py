@@ -8,7 +8,6 @@ import contextlib
 import os
 import re
 import signal
-import sys
 import textwrap
 
 # Keep TensorFlow's C++ start-up noise out of the way unless the user asks for it.
@@ -38,7 +37,7 @@ def config_from_flags(notes: list[str] | None = None) -> config_lib.Config:
     notes: receives the warnings about the settings, for the console once it is set up
       (logged at once without it).
   """
-  warn = logging.warning if notes is None else lambda text: notes.append(text)
+  warn = logging.warning if notes is None else notes.append
   from trainer import recipes
   recipe = recipes.RECIPES[FLAGS.recipe]
   values, given = {}, {}
@@ -83,11 +82,6 @@ def _flag_text(value) -> str:
   return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def _fail(message: str, code: int = 2) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(code)
-
-
 def _stop(handler: stop.SignalHandler, signum: int, message: str) -> None:
   """Ends the run after Ctrl-C or SIGTERM; exit status 130 or 143 as a shell reports them.
 
@@ -96,7 +90,7 @@ def _stop(handler: stop.SignalHandler, signum: int, message: str) -> None:
   """
   handler.announced.wait(timeout=1.0)
   reason, code = stop.STOPS[signum]
-  _fail(f"{reason}{message}", code=code)
+  cli.fail(f"{reason}{message}", code=code)
 
 
 def _stop_signal(e: BaseException) -> int | None:
@@ -225,7 +219,7 @@ def _run(config: config_lib.Config, handler: stop.SignalHandler, notes: list[str
 
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   handler = stop.SignalHandler()
   handler.install()
   try:
@@ -235,15 +229,15 @@ def main(argv):
     _import_tensorflow(FLAGS.tf_logs)
     import tensorflow as tf
   except errors.UserError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   except KeyboardInterrupt as e:
     _stop(handler, stop.signal_of(e), " while starting up; nothing was written")
   try:
     print(_run(config, handler, notes))
   except errors.UserError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   except errors.TrainingError as e:
-    _fail(str(e), code=1)
+    cli.fail(str(e), code=1)
   except stop.Stopped as e:
     if e.checkpoint is None:
       _stop(handler, e.signum, " before the first step; no checkpoint was written")
@@ -267,7 +261,7 @@ def main(argv):
       raise
     # A collective op failed because a peer died or became unreachable mid-run.
     logging.info("the collective op failed with: %s", e.message)
-    _fail(f"a peer worker was lost during training ({type(e).__name__}: "
+    cli.fail(f"a peer worker was lost during training ({type(e).__name__}: "
           f"{errors.root_cause(e.message)}); {cluster.restart_hint}: the run resumes from the "
           "chief's last checkpoint", code=1)
 
