@@ -172,6 +172,10 @@ def _class_dirs(split_dir: pathlib.Path) -> list[pathlib.Path]:
                  if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
   if not dirs:
     raise DataError(f"{split_dir}: has no class sub-folders")
+  if len(dirs) == 1:
+    # One class trains a classifier that cannot be wrong: 100% accuracy that means nothing.
+    raise DataError(f"{split_dir}: has one class sub-folder ({dirs[0].name}); a classifier "
+                    "needs at least two")
   return dirs
 
 

@@ -359,6 +359,8 @@ def test_folder_converts_grayscale_to_rgb(tmp_path):
                    (root / "test" / "horse").mkdir()), "horse: class folder is empty"),
     (lambda root: (small_folder(root), (root / "train" / "horse").mkdir()),
      "different class folders"),
+    (lambda root: make_folder(root, classes=("cat",)),
+     "train: has one class sub-folder \\(cat\\)"),
     (lambda root: (small_folder(root), (root / "train" / "cat" / "3.png").write_bytes(
         b"not a png")), "3.png: not a readable PNG/JPEG image"),
     (lambda root: (small_folder(root), (root / "train" / "cat" / "4.jpg").write_bytes(b"")),
