@@ -591,6 +591,7 @@ def _check_flags() -> None:
 def main(argv):
   del argv
   _check_flags()
+  cli.import_tensorflow()
   import tensorflow as tf
   from scripts import flops
   from trainer import distribute, resnet

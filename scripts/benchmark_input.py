@@ -71,6 +71,7 @@ class Window:
 
 def main(argv):
   del argv
+  cli.import_tensorflow()
   import tensorflow as tf
   from input_pipeline import pipeline, sources
 

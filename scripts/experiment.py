@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 # Pure Python: the study's parent process must not load TensorFlow.
+from trainer import cli
 from trainer.run_files import (CONFIG_FILE, EPOCH_ACCURACY_TAG, EPOCH_LOSS_TAG, HISTORY_FILE,
                                METRICS_FILE, TEST_EVENTS, TRAIN_EVENTS, VALIDATION_EVENTS,
                                eval_split_name)
@@ -167,25 +168,12 @@ def read_config(model_dir: str) -> dict | None:
 
 
 def _import_tensorboard_quietly():
-  """Imports TensorBoard's event reader, which loads TensorFlow, without TF's C++ start-up
-  messages (written before TF's logging is configured; only closing stderr hides them)."""
+  """Imports TensorBoard's event reader without TF's C++ start-up messages: TensorBoard
+  loads TensorFlow on first use, so TensorFlow is loaded quietly first."""
   import logging
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-  try:
-    os.dup2(devnull, 2)
-    from tensorboard.backend.event_processing import event_accumulator
-    from tensorboard.util import tensor_util
-    try:
-      # TensorBoard loads TensorFlow lazily, on first use: do it here, inside the silence.
-      import tensorflow as tf
-      tf.config.list_physical_devices()
-    except ImportError:
-      pass  # TensorBoard then reads the files with its own stub.
-  finally:
-    os.dup2(saved, 2)
-    os.close(devnull)
-    os.close(saved)
+  cli.import_tensorflow()
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.util import tensor_util
   logging.getLogger("tensorboard").setLevel(logging.WARNING)  # "No path found after ..."
   return event_accumulator, tensor_util
 

@@ -52,6 +52,7 @@ def describe(arch: architecture_lib.Architecture) -> dict:
   Returns:
     the JSON-ready summary (keys as in the module docstring).
   """
+  cli.import_tensorflow()
   import keras
   from scripts import flops
   from trainer import resnet

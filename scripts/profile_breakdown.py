@@ -65,6 +65,7 @@ def _newest_trace(path: str) -> str:
 
 def op_rows(trace: str) -> list[dict]:
   """The host's ops of `trace` with their self time (microseconds), idle time excluded."""
+  cli.import_tensorflow()
   from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as profiler
   data, ok = profiler.xspace_to_tools_data([trace], "framework_op_stats", {})
   if not ok:

@@ -419,4 +419,6 @@ def test_model_summary_prints_json_last():
   assert (summary["depth"], summary["plain"], summary["block"]) == (20, True, "basic")
   assert summary["stage_sizes"] == [3, 3, 3]
   assert summary["output_shape"] == [None, 10]
+  # TensorFlow's C++ start-up lines (a CUDA "error" among them on a CPU machine) are hidden.
+  assert result.stderr == ""
 

@@ -200,7 +200,7 @@ def test_a_signal_while_importing_tensorflow_exits_with_a_message(
     def install(self) -> None:
       self.announced.set()  # No notice thread here to wait for.
 
-  monkeypatch.setattr(main_lib, "_import_tensorflow", importing)
+  monkeypatch.setattr(main_lib.cli, "import_tensorflow", importing)
   monkeypatch.setattr(main_lib.stop, "SignalHandler", QuietHandler)
   handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
   flags.FLAGS.unparse_flags()

@@ -1,13 +1,14 @@
-"""absl flag parsing in the project's error format, for trainer/main.py and scripts/: a bad
-flag prints `error: ...` and a hint and exits 2 (absl: "FATAL Flags parsing error", exit 1);
---help and --helpfull print their text and exit 0 (absl: exit 1)."""
+"""The console side shared by trainer/main.py and scripts/: absl flag parsing in the
+project's error format (a bad flag: `error: ...`, exit 2; --help: exit 0, where absl exits 1),
+and TensorFlow loaded without its C++ start-up messages."""
 
 import contextlib
+import os
 import sys
 import textwrap
 from collections.abc import Callable
 
-from absl import flags
+from absl import flags, logging
 
 FLAGS = flags.FLAGS
 
@@ -69,3 +70,33 @@ def script_help() -> str:
 def script_parser(argv: list[str]) -> list[str]:
   """For a script's `app.run(main, flags_parser=cli.script_parser)`."""
   return parse(argv, script_help, (sys.modules["__main__"].__doc__ or "").strip())
+
+
+def import_tensorflow(show_logs: bool = False) -> None:
+  """Imports TensorFlow, hiding its C++ start-up messages (a CUDA "error" on every CPU
+  machine among them) unless asked for.
+
+  Those messages are written before TensorFlow's logging is configured, so no setting
+  silences them: stderr is pointed at /dev/null while the library loads. A failed import
+  still raises, and its traceback prints once stderr is back.
+  """
+  if show_logs:
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    import tensorflow as tf
+    tf.config.list_physical_devices()
+    return
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    import tensorflow as tf
+    tf.config.list_physical_devices()
+  finally:
+    os.dup2(saved, 2)
+    os.close(devnull)
+    os.close(saved)
+  # TensorFlow's Python-side INFO chatter (e.g. on every checkpoint save) stays hidden too.
+  tf.get_logger().setLevel("WARNING")
+  logging.get_absl_handler().addFilter(
+      lambda record: not record.pathname.endswith("functional_saver.py"))

@@ -106,33 +106,6 @@ def _stop_signal(e: BaseException) -> int | None:
   return signal.SIGTERM if wrapped.group(1) == "Terminated" else signal.SIGINT
 
 
-def _import_tensorflow(show_logs: bool) -> None:
-  """Imports TensorFlow, hiding the C++ start-up messages unless asked for.
-
-  Those messages are written before TensorFlow's logging is configured, so no setting
-  silences them: stderr is pointed at /dev/null while the library loads.
-  """
-  if show_logs:
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
-    import tensorflow as tf
-    tf.config.list_physical_devices()
-    return
-  saved = os.dup(2)
-  devnull = os.open(os.devnull, os.O_WRONLY)
-  try:
-    os.dup2(devnull, 2)
-    import tensorflow as tf
-    tf.config.list_physical_devices()
-  finally:
-    os.dup2(saved, 2)
-    os.close(devnull)
-    os.close(saved)
-  # TensorFlow's Python-side INFO chatter (e.g. on every checkpoint save) stays hidden too.
-  tf.get_logger().setLevel("WARNING")
-  logging.get_absl_handler().addFilter(
-      lambda record: not record.pathname.endswith("functional_saver.py"))
-
-
 def _export(config: config_lib.Config) -> str:
   from trainer import export, run_dir
   # Not into a run dir a trainer is writing (the export dir is inside it by default).
@@ -226,7 +199,7 @@ def main(argv):
     # The Config is pure Python: a bad setting is reported before TensorFlow loads.
     notes = []
     config = config_from_flags(notes)
-    _import_tensorflow(FLAGS.tf_logs)
+    cli.import_tensorflow(FLAGS.tf_logs)
     import tensorflow as tf
   except errors.UserError as e:
     cli.fail(str(e))
