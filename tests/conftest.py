@@ -5,19 +5,20 @@ import contextlib
 import functools
 import json
 import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import pytest
 
-import pathlib  # noqa: E402
-import re  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+from trainer import cli
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+cli.import_tensorflow()  # Without its C++ start-up lines, in each of pytest-xdist's workers.
 import tensorflow as tf  # noqa: E402
 
 # Must happen before TensorFlow initialises its devices, hence at import time.
