@@ -12,6 +12,7 @@ a missing export, no images or an unreadable image print `error: ...` and exit w
 """
 
 import os
+import re
 import sys
 from types import ModuleType
 
@@ -169,7 +170,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
+    # Both flags are whole numbers; absl passes Python's words for a value that is not one.
+    message = re.sub(r"invalid literal for int\(\) with base 10: .*", "not a whole number",
+                     str(e))
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -122,6 +122,26 @@ def test_helpfull_lists_absls_own_flags_too_and_exits_0(arg):
     assert flag in result.stdout
 
 
+@pytest.mark.parametrize("arg, reason, help_start", [
+    # A Keras user's fraction: absl said "invalid literal for int() with base 10: '0.1'".
+    ("--validation_split=0.1", "not a whole number", "Hold out this many training images"),
+    # absl: "could not convert string to float: 'abc'".
+    ("--learning_rate=abc", "not a number", "Peak learning rate"),
+    # absl: "('Non-boolean argument to boolean flag', 'maybe')".
+    ("--eval_flip=maybe", "not true or false (--eval_flip or --noeval_flip alone also work)",
+     "Also evaluate"),
+    ("--global_batch_size=0", "0 is not a positive integer", "Examples per step"),  # absl's
+])
+def test_a_flag_value_that_does_not_parse_is_explained_with_the_flags_help(
+    arg, reason, help_start):
+  result = trainer(arg)
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.splitlines()
+  assert lines[0] == f"error: flag {arg}: {reason}"
+  assert lines[1].startswith(f"  {arg.split('=')[0]}: {help_start}")
+  assert lines[-1] == "see --help for the flags"
+
+
 def _script(path: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True,
                         timeout=120, cwd=REPO)

@@ -363,12 +363,14 @@ def test_predict_prints_top_k_for_files_and_folders(exported, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing export", "missing image", "no images",
-                                  "undecodable image"])
+                                  "undecodable image", "top_k not a number"])
 def test_predict_fails_clearly(exported, tmp_path, case):
   (tmp_path / "empty").mkdir()
   (tmp_path / "bad.png").write_text("not an image")
   export_dir, image, message = {
       "missing export": ("nowhere", "bad.png", "nowhere: no such directory"),
+      # absl's words: "invalid literal for int() with base 10: '0.5'".
+      "top_k not a number": ("--top_k=0.5", "bad.png", "flag --top_k=0.5: not a whole number"),
       "missing image": (str(exported), "gone.png", "gone.png: no such file or directory"),
       "no images": (str(exported), "empty", "no images found in empty"),
       "undecodable image": (str(exported), "bad.png", "bad.png: cannot decode it"),

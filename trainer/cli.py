@@ -4,6 +4,7 @@ and TensorFlow loaded without its C++ start-up messages."""
 
 import contextlib
 import os
+import re
 import sys
 import textwrap
 from collections.abc import Callable
@@ -14,6 +15,14 @@ FLAGS = flags.FLAGS
 
 _HELP = ("help", "h", "?", "helpshort")
 _HELPFULL = "helpfull"
+# absl passes Python's conversion errors through ("invalid literal for int() with base 10:
+# '0.1'"): each, in words a user of the command line reads.
+_PLAIN_REASONS = (
+    (r"invalid literal for int\(\) with base 10: .*", "not a whole number"),
+    (r"could not convert string to float: .*", "not a number"),
+    (r"\('Non-boolean argument to boolean flag', .*\)",
+     "not true or false (--{name} or --no{name} alone also work)"),
+)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -54,10 +63,27 @@ def parse(argv: list[str], help_text: Callable[[], str], usage: str) -> list[str
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    message = str(e).removeprefix("ERROR:: ")
-    if "\n" in message:
-      message = "\n" + textwrap.indent(message, "  ")
-    fail(f"{message}\nsee --help for the flags")
+    fail(f"{_flag_error(str(e))}\nsee --help for the flags")
+
+
+def _flag_error(message: str) -> str:
+  """absl's message for a bad flag, its Python-speak in words, and the flag's help after a
+  value that does not parse (e.g. --validation_split=0.1: a count of images, not a
+  fraction)."""
+  message = message.removeprefix("ERROR:: ")
+  bad_value = re.fullmatch(r"flag --(\w+)=(.*?): (.*)", message, re.DOTALL)
+  if bad_value:
+    name, value, reason = bad_value.groups()
+    for pattern, plain in _PLAIN_REASONS:
+      if re.fullmatch(pattern, reason, re.DOTALL):
+        reason = plain.format(name=name)
+    message = f"flag --{name}={value}: {reason}"
+    if name in FLAGS and FLAGS[name].help:
+      message += "\n" + textwrap.fill(f"--{name}: {FLAGS[name].help}", 88,
+                                      initial_indent="  ", subsequent_indent="    ")
+  elif "\n" in message:
+    message = "\n" + textwrap.indent(message, "  ")
+  return message
 
 
 def script_help() -> str:

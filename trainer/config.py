@@ -122,7 +122,7 @@ class Config:
     if self.profile_steps is not None and (
         len(self.profile_steps) != 2 or not 0 <= self.profile_steps[0] < self.profile_steps[1]):
       raise ConfigError(f"--profile_steps must be START,END with 0 <= START < END, got "
-                        f"{self.profile_steps}")
+                        f"{','.join(map(str, self.profile_steps))}")
     if self.deterministic and self.jit_compile == "true" and self.stem == "imagenet":
       raise ConfigError("--deterministic cannot be combined with --jit_compile=true for "
                         "--stem=imagenet: XLA has no deterministic max-pool gradient")
