@@ -98,6 +98,29 @@ def test_impossible_strategies_raise_distribution_error(kwargs, message):
     distribute.make_strategy(**kwargs)
 
 
+def test_a_tpu_address_where_none_answers_ends_at_the_peer_timeout_with_a_message(tmp_path):
+  """Initialising a remote TPU waits without limit (it hung here); a name off Google Cloud
+  is a lookup error (it was a URLError traceback). Neither writes anything."""
+  port = free_ports(1)[0]  # Free, so nothing listens there.
+  model_dir = tmp_path / "run"
+  result = run_main(*TINY_FLAGS, f"--model_dir={model_dir}", f"--tpu=grpc://127.0.0.1:{port}",
+                    f"--peer_timeout_seconds={PEER_TIMEOUT}", timeout=ERROR_TIMEOUT)
+  assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]  # The watchdog's.
+  assert (f"error: --tpu=grpc://127.0.0.1:{port}: the TPU did not answer within "
+          f"--peer_timeout_seconds={PEER_TIMEOUT}; nothing listens at 127.0.0.1:{port}"
+          ) in result.stderr
+  assert "default session config" not in result.stderr  # TensorFlow's INFO, 40 lines.
+  assert not model_dir.exists()
+  # A name is looked up on Google Cloud's metadata server: a lookup error here, or, where
+  # the lookup itself hangs, the watchdog's message.
+  result = run_main(*TINY_FLAGS, f"--model_dir={model_dir}", "--tpu=no-such-tpu",
+                    f"--peer_timeout_seconds={PEER_TIMEOUT}", timeout=ERROR_TIMEOUT)
+  assert result.returncode in (2, -signal.SIGKILL), result.stderr[-3000:]
+  assert "error: --tpu=no-such-tpu: " in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not model_dir.exists()
+
+
 def test_precision_and_xla_auto_on_cpu_and_explicit_values_honoured():
   for strategy in (tf.distribute.get_strategy(), mirrored_on_two_cpus()):
     assert distribute.resolve_precision("auto", strategy) == "float32"

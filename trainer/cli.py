@@ -122,7 +122,11 @@ def import_tensorflow(show_logs: bool = False) -> None:
     os.dup2(saved, 2)
     os.close(devnull)
     os.close(saved)
-  # TensorFlow's Python-side INFO chatter (e.g. on every checkpoint save) stays hidden too.
+  # TensorFlow's Python-side INFO chatter stays off the console too: through its own logger,
+  # and through absl's from some modules (a checkpoint's "Sharding callback duration", a
+  # remote TPU's whole session config).
   tf.get_logger().setLevel("WARNING")
+  package = os.path.dirname(tf.__file__) + os.sep
   logging.get_absl_handler().addFilter(
-      lambda record: not record.pathname.endswith("functional_saver.py"))
+      lambda record: record.levelno > logging.converter.STANDARD_INFO
+      or not record.pathname.startswith(package))

@@ -138,7 +138,8 @@ DEFINITIONS: dict[str, _Flag] = {
                         "reduction_to_one_device on CPUs; multi_worker: auto, nccl or "
                         "ring."),
     "peer_timeout_seconds": _integer(300, "multi_worker: fail with a clear message when "
-                                     "the peers cannot be reached within this time.",
+                                     "the peers cannot be reached within this time; --tpu: "
+                                     "when the TPU does not answer within it.",
                                      lower_bound=1),
     "sync_batch_norm": _Flag(flags.DEFINE_boolean, False, "Batch-norm statistics over all "
                              "replicas (for small per-replica batches)."),

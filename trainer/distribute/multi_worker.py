@@ -55,7 +55,9 @@ def _multi_worker(cluster: Cluster, gpus: list, all_reduce: str,
              "and that this host can reach their addresses (firewall, hostname, port)")
 
   started = time.time()
-  with _Deadline(peer_timeout_seconds, message, cluster.peers):
+  listening = ("all of them accept connections but did not join (a different TF_CONFIG or "
+               "Slurm step, or a stale process on one of those ports?)")
+  with _Deadline(peer_timeout_seconds, message, cluster.peers, listening):
     try:
       strategy = tf.distribute.MultiWorkerMirroredStrategy(
           cluster_resolver=resolver, communication_options=options)

@@ -7,6 +7,7 @@ import tensorflow as tf
 from trainer.distribute.cluster import multi_worker_reason, resolve_cluster
 from trainer.distribute.messages import _first_line, _gpu_hint
 from trainer.distribute.multi_worker import _multi_worker
+from trainer.distribute.watchdog import _Deadline
 from trainer.errors import DistributionError
 
 
@@ -35,8 +36,8 @@ def make_strategy(name: str, *, num_gpus: int | None = None, tpu: str | None = N
     num_gpus: auto/mirrored: how many local GPUs (None: all).
     tpu: the TPU name or address ("local" on a TPU VM); with name=auto it selects tpu.
     all_reduce: the cross-device reduction (see trainer/main.py --all_reduce).
-    peer_timeout_seconds: multi_worker: how long to wait for the peers before the process
-      exits with a clear message (it cannot be interrupted otherwise).
+    peer_timeout_seconds: multi_worker and tpu: how long to wait for the peers or the TPU
+      before the process exits with a clear message (it cannot be interrupted otherwise).
   Returns:
     the strategy.
   Raises:
@@ -65,7 +66,7 @@ def make_strategy(name: str, *, num_gpus: int | None = None, tpu: str | None = N
   if cluster is not None:
     return _multi_worker(cluster, gpus, all_reduce, peer_timeout_seconds)
   if name == "tpu":
-    return _tpu(tpu)
+    return _tpu(tpu, peer_timeout_seconds)
   gpus = tf.config.list_logical_devices("GPU")
   cpus = tf.config.list_logical_devices("CPU")
   if name == "default":
@@ -104,20 +105,30 @@ def _mirrored(gpus: list, cpus: list, num_gpus: int | None,
   return tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)
 
 
-def _tpu(tpu: str | None) -> tf.distribute.TPUStrategy:
-  """TPUStrategy as documented for TF 2.x. Untested: no TPU is available to this project."""
+def _tpu(tpu: str | None, peer_timeout_seconds: int) -> tf.distribute.TPUStrategy:
+  """TPUStrategy as documented for TF 2.x. Untested on a TPU (none is available to this
+  project); what happens without one is: a name the resolver cannot look up, no TPU
+  here, or an address where none answers, each an error."""
   if not tpu:
     raise DistributionError("--strategy=tpu needs --tpu=NAME_OR_ADDRESS (or 'local')")
-  try:
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-    if tpu != "local":
-      # A TPU VM ("local") runs in-process; a remote TPU node is reached through gRPC.
-      tf.config.experimental_connect_to_cluster(resolver)
-    tf.tpu.experimental.initialize_tpu_system(resolver)
-    strategy = tf.distribute.TPUStrategy(resolver)
-  except (ValueError, RuntimeError, tf.errors.OpError) as e:
-    raise DistributionError(f"--tpu={tpu}: cannot reach or initialise the TPU: "
-                            f"{_first_line(e)}") from None
+  # Initialising a remote TPU waits without limit for an address that does not answer.
+  address = tpu.removeprefix("grpc://")
+  message = (f"--tpu={tpu}: the TPU did not answer within "
+             f"--peer_timeout_seconds={peer_timeout_seconds}")
+  listening = "it accepts connections but is not a TPU that answered"
+  with _Deadline(peer_timeout_seconds, message, [address] if ":" in address else [],
+                 listening):
+    try:
+      resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+      if tpu != "local":
+        # A TPU VM ("local") runs in-process; a remote TPU node is reached through gRPC.
+        tf.config.experimental_connect_to_cluster(resolver)
+      tf.tpu.experimental.initialize_tpu_system(resolver)
+      strategy = tf.distribute.TPUStrategy(resolver)
+    # OSError: a TPU name is looked up on the Cloud metadata server (URLError off Cloud).
+    except (ValueError, RuntimeError, OSError, tf.errors.OpError) as e:
+      raise DistributionError(f"--tpu={tpu}: cannot reach or initialise the TPU: "
+                              f"{_first_line(e)}") from None
   logging.info("TPUStrategy on %s: %d replica(s)", tpu, strategy.num_replicas_in_sync)
   return strategy
 

@@ -1,5 +1,5 @@
 """The watchdog process that enforces --peer_timeout_seconds while this process joins a
-cluster (which blocks in C++, out of Python's reach)."""
+cluster or reaches a TPU (which block in C++, out of Python's reach)."""
 
 import os
 import subprocess
@@ -9,7 +9,8 @@ import sys
 # time, or died) and otherwise reports which peers do not listen and kills the parent.
 _WATCHDOG = r"""
 import os, select, signal, socket, sys, threading
-parent, seconds, message, peers = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4:]
+parent, seconds, message, listening = int(sys.argv[1]), float(sys.argv[2]), *sys.argv[3:5]
+peers = sys.argv[5:]
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent; its exit ends us.
 if select.select([sys.stdin], [], [], seconds)[0]:
   sys.exit(0)
@@ -30,8 +31,7 @@ for thread in threads:
   thread.join(3)
 silent = sorted(silent)
 detail = (f"; nothing listens at {', '.join(silent)}" if silent else
-          "; all of them accept connections but did not join (a different TF_CONFIG or "
-          "Slurm step, or a stale process on one of those ports?)")
+          f"; {listening}" if peers else "")
 sys.stderr.write(f"error: {message}{detail}\n")
 sys.stderr.flush()
 os.kill(parent, signal.SIGKILL)
@@ -47,8 +47,10 @@ class _Deadline:
   watchdog is a separate small process that sends SIGKILL. Nothing has been written by then.
   """
 
-  def __init__(self, seconds: float, message: str, peers: list[str]):
-    self._args = [str(os.getpid()), str(seconds), message, *peers]
+  def __init__(self, seconds: float, message: str, peers: list[str], listening: str):
+    """`peers`: host:port addresses to probe once the time is up; `listening`: what to
+    say when all of them accept connections."""
+    self._args = [str(os.getpid()), str(seconds), message, listening, *peers]
     self._process = None
 
   def __enter__(self):
