@@ -41,6 +41,23 @@ def test_the_console_shows_messages_without_absl_prefixes_and_train_log_keeps_th
   assert any(ABSL_PREFIX.match(line) and "epoch 2.00 step 6/6 loss " in line for line in log)
 
 
+def test_a_run_whose_steps_all_ran_in_the_untimed_first_call_shows_no_speed(tmp_path):
+  """The first call into TensorFlow (its tracing) is not timed; here it runs every step.
+  The log line and the done line said "nan images/s eta ?" and "nan training images/s"."""
+  result = trainer("--depth=8", "--data_source=synthetic", "--global_batch_size=8",
+                   "--steps_per_epoch=2", "--epochs=1", "--eval_steps=1",
+                   "--steps_per_execution=1000", f"--model_dir={tmp_path / 'run'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "nan" not in result.stderr
+  step = [line for line in result.stderr.splitlines() if " step 2/2 " in line]
+  assert step and step[0].endswith(" (speed: the first call is not timed)"), step
+  done = result.stdout.strip().splitlines()[-1]
+  assert re.fullmatch(r"done: resnet8 test accuracy \d\.\d{4} after 1\.0 epochs \(2 steps\) "
+                      r"in \d+ s; metrics in .*metrics\.json", done), done
+  assert json.loads((tmp_path / "run" / "metrics.json").read_text())[
+      "images_per_second"] is None
+
+
 def test_the_settings_are_a_short_grouped_block(run):
   _, result = run
   block = result.stderr[result.stderr.index("settings:"):].splitlines()[:6]

@@ -143,10 +143,12 @@ def _train(config: config_lib.Config, strategy, handler: stop.SignalHandler) -> 
   metrics = train.train_and_evaluate(config, strategy, handler.listen())
   where = (f"metrics in {os.path.join(config.model_dir, run_files.METRICS_FILE)}"
            if distribute.is_chief(strategy) else "the chief wrote the metrics")
+  # No speed when no step was timed (all of them in the first, traced, call).
+  speed = (f", {metrics['images_per_second']:.1f} training images/s"
+           if metrics["images_per_second"] else "")
   return (f"done: {metrics['model']} test accuracy {metrics['test_accuracy']:.4f} after "
           f"{metrics['epochs']} epochs ({metrics['steps']} steps) in "
-          f"{metrics['wall_seconds']:.0f} s, "
-          f"{metrics['images_per_second'] or float('nan'):.1f} training images/s; {where}")
+          f"{metrics['wall_seconds']:.0f} s{speed}; {where}")
 
 
 def _check_cpu_devices_used(cpu_devices: int, strategy) -> None:

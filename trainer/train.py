@@ -390,11 +390,13 @@ class Loop:
         self.step, means, learning_rate, self.steps.gradient_norms(),
         seconds / (self.step - self.interval_step) if timed else None, images_per_second)
     remaining = (self.plan.total_steps - self.step) * self.config.global_batch_size
-    eta = remaining / images_per_second if images_per_second > 0 else float("nan")
-    logging.info("epoch %.2f step %d/%d %s lr %.4g %.1f images/s eta %s",
+    # The first step of a process (its tracing) is not timed: no speed to show yet.
+    speed = (f"{images_per_second:.1f} images/s eta "
+             f"{_duration(remaining / images_per_second)}" if images_per_second > 0
+             else "(speed: the first call is not timed)")
+    logging.info("epoch %.2f step %d/%d %s lr %.4g %s",
                  self.step / self.plan.steps_per_epoch, self.step, self.plan.total_steps,
-                 " ".join(f"{k} {v:.4f}" for k, v in means.items()), learning_rate,
-                 images_per_second, _duration(eta))
+                 " ".join(f"{k} {v:.4f}" for k, v in means.items()), learning_rate, speed)
     self.interval_start, self.interval_step = time.time(), self.step
 
   def _end_epoch(self) -> None:
