@@ -274,13 +274,15 @@ def test_stage_overrides():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(stage_sizes=(1, 2)), "same number of stages"),
+    # Values as the flags take them (1,2), not as Python prints a tuple.
+    (dict(stage_sizes=(1, 2)), "stage_sizes 1,2 and stage_widths 16,32,64 must have the same "
+     "number of stages"),
     (dict(stage_widths=(16, 32)), "same number of stages"),
-    (dict(stage_sizes=(1, 0, 1)), "positive"),
+    (dict(stage_sizes=(1, 0, 1)), "positive integers, got 1,0,1$"),
     (dict(stage_sizes=(1, -1, 1)), "positive"),
     (dict(stage_widths=(16, 32.5, 64)), "positive integers"),
     (dict(stage_sizes=()), "must not be empty"),
-    (dict(stage_widths=(32, 16, 8)), "non-decreasing"),
+    (dict(stage_widths=(32, 16, 8)), "non-decreasing stage_widths, got 32,16,8;"),
     (dict(stem="tiny"), "unknown stem"),
     (dict(shortcut="C"), "unknown shortcut"),
 ])

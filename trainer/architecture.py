@@ -109,8 +109,8 @@ def architecture(depth: int, *, plain: bool = False, stem: str = "cifar",
   widths = (_positive_ints("stage_widths", stage_widths) if stage_widths is not None
             else widths)
   if len(sizes) != len(widths):
-    raise ValueError(f"stage_sizes {sizes} and stage_widths {widths} must have the same "
-                     "number of stages")
+    raise ValueError(f"stage_sizes {_listed(sizes)} and stage_widths {_listed(widths)} must "
+                     "have the same number of stages")
   if stem not in STEMS:
     raise ValueError(f"unknown stem {stem!r}; use one of {STEMS}")
   shortcut = shortcut or ("A" if family == "cifar" else "B")
@@ -118,7 +118,7 @@ def architecture(depth: int, *, plain: bool = False, stem: str = "cifar",
     raise ValueError(f"unknown shortcut {shortcut!r}; use one of {SHORTCUTS}")
   if shortcut == "A" and not plain and any(b < a for a, b in zip(widths, widths[1:])):
     # Zero-padding can add channels but never remove them.
-    raise ValueError(f"shortcut A needs non-decreasing stage_widths, got {widths}; use "
+    raise ValueError(f"shortcut A needs non-decreasing stage_widths, got {_listed(widths)}; use "
                      "shortcut B (projection)")
   return Architecture(depth, family, block, sizes, widths, stem, shortcut, plain)
 
@@ -132,5 +132,10 @@ def _positive_ints(name: str, values: Sequence[int]) -> tuple[int, ...]:
   if not values:
     raise ValueError(f"{name} must not be empty")
   if any(not _is_int(v) or v < 1 for v in values):
-    raise ValueError(f"{name} must be positive integers, got {values}")
+    raise ValueError(f"{name} must be positive integers, got {_listed(values)}")
   return tuple(int(v) for v in values)
+
+
+def _listed(values) -> str:
+  """Stage sizes or widths as the flags take them: 16,32,64."""
+  return ",".join(str(v) for v in values)
