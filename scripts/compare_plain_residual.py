@@ -39,7 +39,8 @@ the other). It pays off with --gpus, where each process gets its own GPU.
 
 Ctrl-C stops the running trainers (each saves a checkpoint first) and still writes the outputs
 from the epochs done; the same command resumes. Exit status: 0, 1 if a run failed, 130 if
-interrupted, 2 for bad flags.
+interrupted, 2 for bad flags (--extra_args among them: parsed as the trainer would, before
+any run starts).
 """
 
 import dataclasses
@@ -152,9 +153,13 @@ def _same(stored, given) -> bool:
 def parse_extra_args(text: str) -> tuple[list[str], dict[str, str]]:
   """Splits --extra_args into trainer arguments and {flag: value} for the resume check.
 
-  Exits with an error for a non-flag argument or a flag this script sets itself.
+  Exits with an error for unbalanced quotes, a non-flag argument, a flag this script sets
+  itself, or one the trainer would refuse to parse (before any run starts, not in each).
   """
-  args, values = shlex.split(text), {}
+  try:
+    args, values = shlex.split(text), {}
+  except ValueError as e:  # shlex: "No closing quotation", "No escaped character".
+    cli.fail(f"--extra_args={text}: {str(e)[0].lower()}{str(e)[1:]}")
   for arg in args:
     if not arg.startswith("--"):
       cli.fail(f"--extra_args: {arg!r} is not a --flag")
@@ -165,6 +170,12 @@ def parse_extra_args(text: str) -> tuple[list[str], dict[str, str]]:
     if not has_value:  # absl booleans: --flag and --noflag.
       name, value = (name[2:], "false") if name.startswith("no") else (name, "true")
     values[name] = value
+  trainer_flags = flags.FlagValues()
+  flag_definitions.define(flag_values=trainer_flags)
+  try:
+    trainer_flags(["trainer", *args])
+  except flags.Error as e:
+    cli.fail(f"--extra_args: {cli.flag_error(e, trainer_flags)}")
   return args, values
 
 

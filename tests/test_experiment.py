@@ -219,7 +219,17 @@ def _write_rows(path, rows):
     (["--depths="], "error: --depths is empty: give one or more"),
     (["--depths=8", "--output_dir={tmp}/file.txt/out"],
      "error: --output_dir={tmp}/file.txt/out: cannot create it"),
-], ids=["no-depths", "output-dir-under-a-file"])
+    # Trainer flags are parsed once, before any run (each run failed with exit 2, and the
+    # study with 1); unbalanced quotes were a shlex traceback.
+    (["--depths=8", "--extra_args=--no_such_flag=1"],
+     "error: --extra_args: Unknown command line flag 'no_such_flag'"),
+    (["--depths=8", "--extra_args=--validation_split=0.1"],
+     "error: --extra_args: flag --validation_split=0.1: not a whole number\n"
+     "  --validation_split: Hold out"),
+    (["--depths=8", "--extra_args='--eval_flip"],
+     "error: --extra_args='--eval_flip: no closing quotation"),
+], ids=["no-depths", "output-dir-under-a-file", "unknown-trainer-flag", "bad-trainer-value",
+        "unbalanced-quotes"])
 def test_a_study_that_cannot_run_is_refused_with_error_and_exit_2(tmp_path, args, message):
   (tmp_path / "file.txt").write_text("")
   args = [a.format(tmp=tmp_path) for a in args]
@@ -231,14 +241,14 @@ def test_a_study_that_cannot_run_is_refused_with_error_and_exit_2(tmp_path, args
   assert not (tmp_path / "out").exists()
 
 
-def test_a_failed_run_is_summed_up_by_the_trainers_error_line_not_its_hint(tmp_path):
-  # The trainer prints `error: ...` then a hint ("see --help for the flags").
+def test_a_failed_run_is_summed_up_by_the_trainers_error_line(tmp_path):
+  # A setting the trainer refuses after parsing it (its flags are checked before the runs).
   result = run_script("compare_plain_residual.py", "--depths=8", "--data_source=synthetic",
-                      "--extra_args=--no_such_flag=1", "--parallel=2",
+                      "--extra_args=--seed=-5", "--parallel=2",
                       f"--output_dir={tmp_path / 'out'}")
   assert result.returncode == 1
   results = (tmp_path / "out" / "results.md").read_text()
-  assert ("plain-8: exit code 2 (error: Unknown command line flag 'no_such_flag'); see "
+  assert ("plain-8: exit code 2 (error: --seed must be in [0, 2**32), got -5); see "
           in results)
 
 

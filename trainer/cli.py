@@ -63,13 +63,14 @@ def parse(argv: list[str], help_text: Callable[[], str], usage: str) -> list[str
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    fail(f"{_flag_error(str(e))}\nsee --help for the flags")
+    fail(f"{flag_error(e)}\nsee --help for the flags")
 
 
-def _flag_error(message: str) -> str:
+def flag_error(error: flags.Error, flag_values: flags.FlagValues = FLAGS) -> str:
   """absl's message for a bad flag, its Python-speak in words, and the flag's help after a
   value that does not parse (e.g. --validation_split=0.1: a count of images, not a
   fraction)."""
+  message = str(error)
   message = message.removeprefix("ERROR:: ")
   bad_value = re.fullmatch(r"flag --(\w+)=(.*?): (.*)", message, re.DOTALL)
   if bad_value:
@@ -78,8 +79,8 @@ def _flag_error(message: str) -> str:
       if re.fullmatch(pattern, reason, re.DOTALL):
         reason = plain.format(name=name)
     message = f"flag --{name}={value}: {reason}"
-    if name in FLAGS and FLAGS[name].help:
-      message += "\n" + textwrap.fill(f"--{name}: {FLAGS[name].help}", 88,
+    if name in flag_values and flag_values[name].help:
+      message += "\n" + textwrap.fill(f"--{name}: {flag_values[name].help}", 88,
                                       initial_indent="  ", subsequent_indent="    ")
   elif "\n" in message:
     message = "\n" + textwrap.indent(message, "  ")
