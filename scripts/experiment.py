@@ -252,6 +252,8 @@ def load_run(model_dir: str, *, events_fallback: bool = True) -> Run:
   Raises:
     RunError: without config.json, or when neither source has a finished epoch.
   """
+  if not os.path.exists(model_dir):
+    raise RunError(f"{model_dir}: no such file or directory")
   config = read_config(model_dir)
   if config is None:
     raise RunError(f"{model_dir}: no {CONFIG_FILE}; not a model dir of trainer.main")

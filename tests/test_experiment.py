@@ -151,6 +151,10 @@ def test_plot_runs_draws_runs_from_a_curves_csv_beside_run_dirs(study, tmp_path)
   assert result.returncode == 2  # Nothing to draw: bad input.
   assert "bad.csv: not a curves.csv (its columns are a, b" in result.stderr
   assert "error: no run to plot" in result.stderr
+  # A mistyped path is named as missing (it was "no config.json; not a model dir").
+  result = run_script("plot_runs.py", tmp_path / "typo", f"--output={figure}")
+  assert result.returncode == 2
+  assert f"skipping: {tmp_path / 'typo'}: no such file or directory" in result.stderr
 
 
 GOOD_ROW = {"run": "r8", "label": "ResNet-8", "depth": "8", "kind": "residual", "epoch": "1",
