@@ -71,6 +71,13 @@ def test_different_architecture_is_refused_and_nothing_changes(tmp_path):
   assert "--plain: False" in result.stderr and "--global_batch_size: 16" in result.stderr
   assert "--overwrite" in result.stderr and "Traceback" not in result.stderr
   assert _snapshot(model_dir) == before
+  # Refused before the data loads: data that cannot load does not hide the contradiction.
+  result = run_main(*TINY_FLAGS, "--epochs=1", "--plain=true", "--data_source=folder",
+                    f"--data_dir={tmp_path / 'missing'}", f"--model_dir={model_dir}")
+  assert result.returncode == 2
+  assert "holds a run with different settings" in result.stderr, result.stderr[-3000:]
+  assert "--plain: False" in result.stderr and "does not exist" not in result.stderr
+  assert _snapshot(model_dir) == before
 
   result = run_main(*TINY_FLAGS, "--epochs=1", "--plain=true", "--overwrite",
                     f"--model_dir={model_dir}")

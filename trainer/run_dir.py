@@ -282,10 +282,12 @@ def _short(value) -> str:
   return text if len(text) <= 120 else text[:117] + "..."
 
 
-def check_compatible(model_dir: str, config: Config, resolved: dict) -> None:
+def check_compatible(model_dir: str, config: Config, resolved: dict,
+                     report_changes: bool = True) -> None:
   """Refuses to continue a run whose saved config.json differs in incompatible settings:
   the architecture, the data, its split and order, the schedule's shape (`resolved`: what
-  the data resolved to), and an EMA (its variables are in the checkpoint).
+  the data resolved to; {} checks the flags alone), and an EMA (its variables are in the
+  checkpoint). Logs the compatible settings that changed, if `report_changes`.
 
   Raises:
     RunDirError: naming each differing setting and how to start afresh.
@@ -313,6 +315,8 @@ def check_compatible(model_dir: str, config: Config, resolved: dict) -> None:
       differing.append(f"--ema_decay: {their_text} in {path}, {text} now")
   if differing:
     _refuse(model_dir, differing)
+  if not report_changes:
+    return
   changed = [f"--{k}: {saved[k]!r} -> {v!r}" for k, v in ours.items()
              if k in saved and k not in INCOMPATIBLE_FIELDS and saved[k] != v
              and not (isinstance(saved[k], list) and tuple(saved[k]) == v)]

@@ -86,6 +86,10 @@ def _train(config: Config, strategy: tf.distribute.Strategy, out_dir: str, chief
   # The chief owns the model dir for the run's life; other workers write a scratch dir.
   with run_dir.claim(out_dir, lock=chief):
     _set_op_determinism(config.deterministic)
+    if not config.overwrite:
+      # Settings that contradict the run are refused before the data loads: that can take
+      # a minute, or fail on its own and hide the contradiction (a rerun with a typo).
+      run_dir.check_compatible(out_dir, config, resolved={}, report_changes=False)
     splits = data.load(config)
     plan = schedule.make_plan(config, replicas=strategy.num_replicas_in_sync,
                               num_train=splits.train.num_examples,
