@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
@@ -572,18 +571,18 @@ def _check_flags() -> None:
   for precision in FLAGS.compare_precisions:
     if precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
       cli.fail(f"--compare_precisions: {precision!r} is not float32, mixed_float16 or "
-            "mixed_bfloat16")
+               "mixed_bfloat16")
   if not FLAGS.torch_python:
     return
   if not FLAGS.compare:
     cli.fail("--torch_python needs --compare")
   if not (os.path.isfile(FLAGS.torch_python) and os.access(FLAGS.torch_python, os.X_OK)):
     cli.fail(f"--torch_python={FLAGS.torch_python} is not an executable file (a venv's "
-          "bin/python with torch installed)")
+             "bin/python with torch installed)")
   if _policy() != "float32" or FLAGS.plain or FLAGS.stem != "cifar":
     cli.fail("the PyTorch model is the residual network with the CIFAR stem, float32 (and, "
-          "with --compare_precisions=mixed_bfloat16, also under torch.autocast in "
-          "bfloat16): drop --precision, --plain and --stem")
+             "with --compare_precisions=mixed_bfloat16, also under torch.autocast in "
+             "bfloat16): drop --precision, --plain and --stem")
   if FLAGS.depth in (34, 101, 152):  # Every other depth the table builds, PyTorch's has.
     cli.fail("the PyTorch model has depths 18, 50 and 6n+2")
 

@@ -166,7 +166,7 @@ def parse_extra_args(text: str) -> tuple[list[str], dict[str, str]]:
     name, has_value, value = arg[2:].partition("=")
     if name in OWN_TRAINER_FLAGS:
       cli.fail(f"--extra_args: set --{name.removeprefix('no')} through this "
-                           "script's own flag, not --extra_args")
+               "script's own flag, not --extra_args")
     if not has_value:  # absl booleans: --flag and --noflag.
       name, value = (name[2:], "false") if name.startswith("no") else (name, "true")
     values[name] = value

@@ -20,8 +20,6 @@ import math
 import os
 import sys
 
-# Keep TensorFlow's C++ start-up noise out of the way, as trainer/main.py does.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Runnable as `python scripts/model_summary.py` from anywhere: the repo root is one up.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -145,7 +143,7 @@ def main(argv):
     clashing = [f"--{n}" for n in _SINGLE_NETWORK_FLAGS if FLAGS[n].present]
     if clashing:
       cli.fail(f"--all lists every depth, residual and plain; it takes no "
-            f"{', '.join(clashing)}")
+               f"{', '.join(clashing)}")
     try:
       architecture_lib.architecture(20, stem=FLAGS.stem, shortcut=FLAGS.shortcut)
     except ValueError as e:

@@ -120,7 +120,7 @@ def write_outputs(runs: list, problems: list[str]) -> list[str]:
 def main(argv):
   if len(argv) < 2:
     cli.fail("give one or more RUN_DIRs (trainer model dirs, folders of them, or curves.csv "
-          "files)")
+             "files)")
   if FLAGS.style == "blog" and FLAGS.x_axis != "epoch":
     # The blog figure is per epoch; quietly drawing epochs would ignore the request.
     cli.fail("--x_axis=step is for --style=he2016; the blog figure is per epoch")

@@ -70,8 +70,7 @@ def flag_error(error: flags.Error, flag_values: flags.FlagValues = FLAGS) -> str
   """absl's message for a bad flag, its Python-speak in words, and the flag's help after a
   value that does not parse (e.g. --validation_split=0.1: a count of images, not a
   fraction)."""
-  message = str(error)
-  message = message.removeprefix("ERROR:: ")
+  message = str(error).removeprefix("ERROR:: ")
   bad_value = re.fullmatch(r"flag --(\w+)=(.*?): (.*)", message, re.DOTALL)
   if bad_value:
     name, value, reason = bad_value.groups()

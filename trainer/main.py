@@ -10,13 +10,10 @@ import re
 import signal
 import textwrap
 
-# Keep TensorFlow's C++ start-up noise out of the way unless the user asks for it.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
-
-from trainer import config as config_lib  # noqa: E402
-from trainer import cli, errors, flag_definitions, run_files, stop  # noqa: E402
+from trainer import config as config_lib
+from trainer import cli, errors, flag_definitions, run_files, stop
 
 FLAGS = flags.FLAGS
 
@@ -237,8 +234,8 @@ def main(argv):
     # A collective op failed because a peer died or became unreachable mid-run.
     logging.info("the collective op failed with: %s", e.message)
     cli.fail(f"a peer worker was lost during training ({type(e).__name__}: "
-          f"{errors.root_cause(e.message)}); {cluster.restart_hint}: the run resumes from the "
-          "chief's last checkpoint", code=1)
+             f"{errors.root_cause(e.message)}); {cluster.restart_hint}: the run resumes from the "
+             "chief's last checkpoint", code=1)
 
 
 USAGE = """Train a ResNet (or its plain twin) on CIFAR-10, evaluate it, or export it.
