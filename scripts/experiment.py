@@ -272,13 +272,15 @@ def load_run(model_dir: str, *, events_fallback: bool = True) -> Run:
              read_metrics(model_dir))
 
 
-def load_curves_csv(path: str) -> list[Run]:
+def load_curves_csv(path: str, names: Sequence[str] = ()) -> list[Run]:
   """The runs of a curves.csv this project wrote (e.g. results/*.csv), for runs whose
-  model dirs are gone. A csv holds no plan, so each run is taken as ended at its last
-  epoch (its config: depth, plain and that epoch count only).
+  model dirs are gone; only those named in `names`, if any are given. A csv holds no
+  plan, so each run is taken as ended at its last epoch (its config: depth, plain and
+  that epoch count only).
 
   Raises:
-    RunError: when the file is missing or its header is not CSV_COLUMNS'.
+    RunError: when the file is missing, its header is not CSV_COLUMNS', or it has no run
+      of one of `names`.
   """
   try:
     with open(path, newline="") as f:
@@ -293,6 +295,12 @@ def load_curves_csv(path: str) -> list[Run]:
   by_run: dict[str, list[dict]] = collections.defaultdict(list)
   for row in rows:
     by_run[row["run"]].append(row)
+  missing = [name for name in names if name not in by_run]
+  if missing:
+    raise RunError(f"{path}: no run {', '.join(missing)} (its runs: "
+                   f"{', '.join(by_run) or 'none'})")
+  if names:
+    by_run = {name: by_run[name] for name in dict.fromkeys(names)}
   runs = []
   for name, run_rows in by_run.items():
     try:

@@ -6,7 +6,8 @@ Each RUN_DIR is a trainer --model_dir (its config.json gives depth and plain; it
 curves come from history.json, or from the TensorBoard epoch_* tags when history.json is
 missing), or a folder of such dirs, e.g. a compare_plain_residual.py --output_dir, or a
 curves.csv this project wrote (e.g. results/*.csv): its runs stand for model dirs that
-are gone, each taken as ended at its last epoch.
+are gone, each taken as ended at its last epoch; `FILE.csv#RUN[,RUN...]` takes only the
+runs named (the names its `run` column and this script's output give).
 """
 
 import os
@@ -79,8 +80,9 @@ def load_runs(sources: list[str]) -> tuple[list, list[str]]:
   runs, problems = [], []
   for source in expand_run_dirs(sources):
     try:
-      loaded = (experiment.load_curves_csv(source) if source.endswith(".csv")
-                else [experiment.load_run(source)])
+      path, _, names = source.rpartition("#") if ".csv#" in source else (source, "", "")
+      loaded = (experiment.load_curves_csv(path, [n for n in names.split(",") if n])
+                if path.endswith(".csv") else [experiment.load_run(source)])
     except experiment.RunError as e:
       problems.append(str(e))
       print(f"skipping: {e}", file=sys.stderr)

@@ -146,6 +146,14 @@ def test_plot_runs_draws_runs_from_a_curves_csv_beside_run_dirs(study, tmp_path)
         b["run"], b["kind"], b["epoch"], b["step"])
     for key in ("train_error", "test_error", "train_loss", "test_loss"):
       assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-4)
+  # FILE.csv#RUN takes that run alone, as the script's own lines name it.
+  result = run_script("plot_runs.py", f"{out / 'curves.csv'}#resnet-8", f"--output={figure}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"ResNet-8: {out / 'curves.csv'}#resnet-8 (finished" in result.stdout
+  assert "plain-8" not in result.stdout
+  result = run_script("plot_runs.py", f"{out / 'curves.csv'}#resnet8", f"--output={figure}")
+  assert result.returncode == 2
+  assert "curves.csv: no run resnet8 (its runs: " in result.stderr
   (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
   result = run_script("plot_runs.py", tmp_path / "bad.csv", f"--output={figure}")
   assert result.returncode == 2  # Nothing to draw: bad input.
@@ -184,6 +192,18 @@ def test_a_malformed_curves_csv_row_is_named_not_drawn(tmp_path, change, message
     experiment.load_curves_csv(str(bad))
   (good,) = experiment.load_curves_csv(str(_write_rows(tmp_path / "good.csv", [GOOD_ROW])))
   assert not good.config["plain"] and good.history[-1]["test_accuracy"] == pytest.approx(0.375)
+
+
+def test_a_curves_csv_gives_only_the_runs_named(tmp_path):
+  rows = [GOOD_ROW, {**GOOD_ROW, "run": "p8", "label": "plain-8", "kind": "plain"},
+          {**GOOD_ROW, "run": "r14", "label": "ResNet-14", "depth": "14"}]
+  path = str(_write_rows(tmp_path / "three.csv", rows))
+  assert [run.name for run in experiment.load_curves_csv(path)] == ["r8", "p8", "r14"]
+  assert [run.name for run in experiment.load_curves_csv(path, ["r14", "r8", "r14"])] == [
+      "r14", "r8"]
+  with pytest.raises(experiment.RunError, match=re.escape(
+      "three.csv: no run r9, p14 (its runs: r8, p8, r14)")):
+    experiment.load_curves_csv(path, ["r9", "r8", "p14"])
 
 
 @pytest.mark.parametrize("outputs, message", [
