@@ -77,7 +77,7 @@ def check_outputs(figure: str, others: list[str]) -> str | None:
 def load_runs(sources: list[str]) -> tuple[list, list[str]]:
   """The runs of these model dirs, folders and curves.csv files, each reported as loaded;
   and the problems of those that could not be read (also reported)."""
-  runs, problems = [], []
+  runs, problems, seen = [], [], set()
   for source in expand_run_dirs(sources):
     try:
       path, _, names = source.rpartition("#") if ".csv#" in source else (source, "", "")
@@ -88,6 +88,13 @@ def load_runs(sources: list[str]) -> tuple[list, list[str]]:
       print(f"skipping: {e}", file=sys.stderr)
       continue
     for run in loaded:
+      # A run given twice (a study folder and one of its dirs, a csv and csv#RUN) would be
+      # drawn, tabled and compared with itself as two runs.
+      identity = (os.path.realpath(path), run.name if path.endswith(".csv") else "")
+      if identity in seen:
+        print(f"{run.model_dir}: given twice; drawn once", file=sys.stderr)
+        continue
+      seen.add(identity)
       runs.append(run)
       state = "finished" if run.finished else experiment.progress(run)
       # None: a --validation_split run measures its test error only when it finishes.

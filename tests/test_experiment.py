@@ -117,6 +117,14 @@ def test_plot_runs_from_history_and_from_event_files(study, tmp_path):
     for key in ("train_error", "test_error", "train_loss", "test_loss"):
       assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-4)
   assert "| 8 |" in (tmp_path / "results.md").read_text()
+  # A run given twice (the study's folder and one of its dirs) is one run, not two.
+  result = run_script("plot_runs.py", out, f"{out / 'plain-8'}/", f"--output={figure}",
+                      f"--csv={curves}", f"--results={tmp_path / 'results.md'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.count("plain-8: ") == 1
+  assert f"{out / 'plain-8'}/: given twice; drawn once" in result.stderr
+  assert len(read_csv(curves)) == 4
+  assert "Several" not in (tmp_path / "results.md").read_text()
 
 
 def test_plot_runs_draws_runs_from_a_curves_csv_beside_run_dirs(study, tmp_path):
