@@ -688,7 +688,8 @@ def depth_trends(runs: Sequence[Run]) -> list[str]:
   lines = []
   for kind, name, wanted, verb in ((PLAIN, "Plain nets", "rose", "worse"),
                                    (RESIDUAL, "ResNets", "fell", "better")):
-    kind_runs = [r for (_, k), r in table.items() if k == kind]
+    # An unfinished run's last epoch is not its result: no trend is drawn from it.
+    kind_runs = [r for (_, k), r in table.items() if k == kind and r.finished]
     parts = []
     for attribute, what in (("final_test_error", "test"), ("final_train_error", "training")):
       trend = _trend(kind_runs, attribute)
@@ -710,11 +711,19 @@ def depth_trends(runs: Sequence[Run]) -> list[str]:
       answer = "yes" if (test[2] > test[1] if wanted == "rose" else test[2] < test[1]) else "no"
     lines.append(f"- {name} {verb} with depth ({depths[0]} to {depths[-1]} layers)? "
                  f"**{answer}**: {'; '.join(parts)}.")
+  left_out = [r.label for r in runs if not r.finished]
+  if left_out:
+    lines.append(f"- Left out, unfinished: {', '.join(left_out)}.")
   return lines
 
 
 def _cell(value: float | None) -> str:
   return "-" if value is None else f"{value:.2f}"
+
+
+def _final_cell(run: Run | None, value: float | None) -> str:
+  """A final-error cell; an unfinished run's last epoch so far is marked as such."""
+  return _cell(value) if run is None or run.finished else f"{_cell(value)} (unfinished)"
 
 
 def format_duration(seconds: float) -> str:
@@ -797,12 +806,13 @@ def results_markdown(runs: Sequence[Run], *, command: str | None = None,
     gap = (plain.final_test_error - residual.final_test_error
            if plain and residual and None not in (plain.final_test_error,
                                                   residual.final_test_error) else None)
-    lines.append(f"| {depth} | {_cell(get(plain, 'final_test_error'))} | "
+    both = residual if plain is None or plain.finished else plain
+    lines.append(f"| {depth} | {_final_cell(plain, get(plain, 'final_test_error'))} | "
                  f"{_cell(get(plain, 'best_test_error'))} | "
-                 f"{_cell(get(residual, 'final_test_error'))} | "
-                 f"{_cell(get(residual, 'best_test_error'))} | {_cell(gap)} | "
-                 f"{_cell(get(plain, 'final_train_error'))} | "
-                 f"{_cell(get(residual, 'final_train_error'))} | "
+                 f"{_final_cell(residual, get(residual, 'final_test_error'))} | "
+                 f"{_cell(get(residual, 'best_test_error'))} | {_final_cell(both, gap)} | "
+                 f"{_final_cell(plain, get(plain, 'final_train_error'))} | "
+                 f"{_final_cell(residual, get(residual, 'final_train_error'))} | "
                  f"{_cell(PAPER_RESNET_ERROR.get(depth))} |")
   if not depths:
     lines.append("| - | - | - | - | - | - | - | - | - |")

@@ -313,12 +313,21 @@ def test_results_table_gap_and_depth_trends():
   runs[3].config["epochs"] = 4  # unfinished
   text = experiment.results_markdown(runs, command="python x.py")
   assert "| 20 | 9.00 | 9.00 | 8.50 | 8.50 | 0.50 |" in text
-  assert "| 56 | 13.00 | 13.00 | 7.50 | 7.00 | 5.50 |" in text
+  # An unfinished run's last epoch so far is marked, in its cells and in the gap.
+  assert ("| 56 | 13.00 | 13.00 | 7.50 (unfinished) | 7.00 | 5.50 (unfinished) | 12.00 | "
+          "6.50 (unfinished) |") in text
   # He et al.'s Table 6 beside each depth.
   assert text.count("| 8.75 |") == 1 and "| 6.97 |" in text
   assert "Plain nets worse with depth (20 to 56 layers)? **yes**" in text
-  assert "ResNets better with depth (20 to 56 layers)? **yes**" in text
+  # No trend is drawn from an unfinished run.
+  assert "ResNets: fewer than two depths, no trend to report." in text
+  assert "- Left out, unfinished: ResNet-56." in text
   assert "ResNet-56 (3/4 epochs)" in text
+  runs[3].config["epochs"] = 3
+  text = experiment.results_markdown(runs, command="python x.py")
+  assert "| 56 | 13.00 | 13.00 | 7.50 | 7.00 | 5.50 | 12.00 | 6.50 |" in text
+  assert "ResNets better with depth (20 to 56 layers)? **yes**" in text
+  assert "Left out" not in text
 
 
 def test_validation_split_runs_take_final_test_error_from_metrics(tmp_path):
