@@ -806,11 +806,12 @@ def results_markdown(runs: Sequence[Run], *, command: str | None = None,
     gap = (plain.final_test_error - residual.final_test_error
            if plain and residual and None not in (plain.final_test_error,
                                                   residual.final_test_error) else None)
-    both = residual if plain is None or plain.finished else plain
+    # The gap is only as final as the less finished of its two runs.
+    pair = next((r for r in (plain, residual) if r is not None and not r.finished), None)
     lines.append(f"| {depth} | {_final_cell(plain, get(plain, 'final_test_error'))} | "
                  f"{_cell(get(plain, 'best_test_error'))} | "
                  f"{_final_cell(residual, get(residual, 'final_test_error'))} | "
-                 f"{_cell(get(residual, 'best_test_error'))} | {_final_cell(both, gap)} | "
+                 f"{_cell(get(residual, 'best_test_error'))} | {_final_cell(pair, gap)} | "
                  f"{_final_cell(plain, get(plain, 'final_train_error'))} | "
                  f"{_final_cell(residual, get(residual, 'final_train_error'))} | "
                  f"{_cell(PAPER_RESNET_ERROR.get(depth))} |")

@@ -81,8 +81,9 @@ def load_runs(sources: list[str]) -> tuple[list, list[str]]:
   for source in expand_run_dirs(sources):
     try:
       path, _, names = source.rpartition("#") if ".csv#" in source else (source, "", "")
+      is_csv = path.endswith(".csv")
       loaded = (experiment.load_curves_csv(path, [n for n in names.split(",") if n])
-                if path.endswith(".csv") else [experiment.load_run(source)])
+                if is_csv else [experiment.load_run(source)])
     except experiment.RunError as e:
       problems.append(str(e))
       print(f"skipping: {e}", file=sys.stderr)
@@ -90,7 +91,7 @@ def load_runs(sources: list[str]) -> tuple[list, list[str]]:
     for run in loaded:
       # A run given twice (a study folder and one of its dirs, a csv and csv#RUN) would be
       # drawn, tabled and compared with itself as two runs.
-      identity = (os.path.realpath(path), run.name if path.endswith(".csv") else "")
+      identity = (os.path.realpath(path), run.name if is_csv else "")
       if identity in seen:
         print(f"{run.model_dir}: given twice; drawn once", file=sys.stderr)
         continue
