@@ -39,8 +39,8 @@ the other). It pays off with --gpus, where each process gets its own GPU.
 
 Ctrl-C stops the running trainers (each saves a checkpoint first) and still writes the outputs
 from the epochs done; the same command resumes. Exit status: 0, 1 if a run failed, 130 if
-interrupted, 2 for bad flags (--extra_args among them: parsed as the trainer would, before
-any run starts).
+interrupted, 2 for bad flags (--extra_args among them: each run's settings are checked as the
+trainer checks them, before any run starts).
 """
 
 import dataclasses
@@ -59,7 +59,8 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)  # `python scripts/X.py` puts scripts/, not the repo, on the path.
 
 from scripts import experiment  # noqa: E402
-from trainer import cli, flag_definitions  # noqa: E402
+from trainer import cli, errors, flag_definitions, recipes  # noqa: E402
+from trainer import config as config_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -118,11 +119,14 @@ class Job:
   def label(self) -> str:
     return experiment.run_label(self.depth, self.plain)
 
+  def trainer_args(self, extra_args: list[str]) -> list[str]:
+    """The trainer's flags for this run."""
+    args = [f"--{k}={_flag_value(v)}" for k, v in self.expected.items() if v is not None]
+    return [*args, f"--model_dir={self.model_dir}", *extra_args]
+
   def command(self, extra_args: list[str]) -> list[str]:
     """The trainer command line (run with cwd = the repo root)."""
-    args = [f"--{k}={_flag_value(v)}" for k, v in self.expected.items() if v is not None]
-    return [sys.executable, "-m", "trainer.main", *args, f"--model_dir={self.model_dir}",
-            *extra_args]
+    return [sys.executable, "-m", "trainer.main", *self.trainer_args(extra_args)]
 
 
 def _flag_value(value) -> str:
@@ -177,6 +181,28 @@ def parse_extra_args(text: str) -> tuple[list[str], dict[str, str]]:
   except flags.Error as e:
     cli.fail(f"--extra_args: {cli.flag_error(e, trainer_flags)}")
   return args, values
+
+
+def check_trainer_settings(jobs: list[Job], extra_args: list[str]) -> None:
+  """Exits 2 when the trainer would refuse a run's settings, e.g. --extra_args=--seed=-5
+  or a --recipe that needs --epochs: before any run starts, not once in each run.
+
+  Builds each run's Config as trainer/main.py does (pure Python: no TensorFlow).
+  """
+  for job in jobs:
+    trainer_flags = flags.FlagValues()
+    flag_definitions.define(flag_values=trainer_flags)
+    try:
+      trainer_flags(["trainer", *job.trainer_args(extra_args)])
+      fields = config_lib.Config.__dataclass_fields__
+      values = config_lib.training_values(
+          {field: (trainer_flags[field].value, trainer_flags[field].present) for field in fields},
+          recipes.RECIPES[trainer_flags.recipe])
+      config_lib.Config(**values)
+    except flags.Error as e:
+      cli.fail(f"{job.label}: {cli.flag_error(e, trainer_flags)}")
+    except errors.ConfigError as e:
+      cli.fail(f"the trainer would refuse {job.label}'s settings: {e}")
 
 
 def run_state(job: Job, extra_values: dict[str, str]) -> str:
@@ -424,12 +450,13 @@ def main(argv):
   gpus = FLAGS.gpus or None
   parallel = FLAGS.parallel or (len(gpus) if gpus else 1)
   output_dir = os.path.abspath(FLAGS.output_dir)
+  jobs = make_jobs(depths, settings, output_dir)
+  check_trainer_settings(jobs, extra_args)
   try:
     os.makedirs(output_dir, exist_ok=True)
   except OSError as e:
     cli.fail(f"--output_dir={FLAGS.output_dir}: cannot create it ({e.strerror or e})")
 
-  jobs = make_jobs(depths, settings, output_dir)
   steps = f" x {settings['steps_per_epoch']} steps" if settings["steps_per_epoch"] else ""
   print(f"study{' (--quick)' if FLAGS.quick else ''}: depths "
         f"{', '.join(map(str, depths))} as plain and ResNet ({len(jobs)} runs); data "

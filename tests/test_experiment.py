@@ -260,8 +260,19 @@ def _write_rows(path, rows):
      "  --validation_split: Hold out"),
     (["--depths=8", "--extra_args='--eval_flip"],
      "error: --extra_args='--eval_flip: no closing quotation"),
+    # Values the flags accept but the trainer's Config refuses: each run failed with exit
+    # 2, and the study with 1, after creating its output dir.
+    (["--depths=8", "--extra_args=--seed=-5"],
+     "error: the trainer would refuse plain-8's settings: --seed must be in [0, 2**32), "
+     "got -5"),
+    (["--depths=8", "--extra_args=--stage_widths=16,x,64"],
+     "error: the trainer would refuse plain-8's settings: --stage_widths must be "
+     "comma-separated integers, got 16,x,64"),
+    (["--depths=8", "--extra_args=--lr_schedule=cosine --recipe=he2016"],
+     "error: the trainer would refuse plain-8's settings: --epochs is needed unless"),
 ], ids=["no-depths", "output-dir-under-a-file", "unknown-trainer-flag", "bad-trainer-value",
-        "unbalanced-quotes"])
+        "unbalanced-quotes", "value-the-config-refuses", "list-of-non-integers",
+        "recipe-without-its-length"])
 def test_a_study_that_cannot_run_is_refused_with_error_and_exit_2(tmp_path, args, message):
   (tmp_path / "file.txt").write_text("")
   args = [a.format(tmp=tmp_path) for a in args]
@@ -274,14 +285,16 @@ def test_a_study_that_cannot_run_is_refused_with_error_and_exit_2(tmp_path, args
 
 
 def test_a_failed_run_is_summed_up_by_the_trainers_error_line(tmp_path):
-  # A setting the trainer refuses after parsing it (its flags are checked before the runs).
-  result = run_script("compare_plain_residual.py", "--depths=8", "--data_source=synthetic",
-                      "--extra_args=--seed=-5", "--parallel=2",
+  # A failure only the trainer finds (its settings are checked before the runs): a data
+  # folder without class folders.
+  (tmp_path / "data" / "train").mkdir(parents=True)
+  result = run_script("compare_plain_residual.py", "--depths=8", "--data_source=folder",
+                      f"--data_dir={tmp_path / 'data'}", "--parallel=2",
                       f"--output_dir={tmp_path / 'out'}")
   assert result.returncode == 1
   results = (tmp_path / "out" / "results.md").read_text()
-  assert ("plain-8: exit code 2 (error: --seed must be in [0, 2**32), got -5); see "
-          in results)
+  assert (f"plain-8: exit code 2 (error: {tmp_path / 'data' / 'train'}: has no class "
+          "sub-folders); see " in results)
 
 
 def test_failed_runs_are_reported_and_outputs_still_written(tmp_path):

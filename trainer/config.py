@@ -181,6 +181,33 @@ RUN_DEFINING = ("depth", "plain", "stem", "shortcut", "stage_sizes", "stage_widt
                 "ema_decay")
 
 
+# Flags given as comma-separated lists; the Config holds tuples of integers.
+INT_TUPLE_FIELDS = ("stage_sizes", "stage_widths", "profile_steps")
+
+
+def training_values(flag_values: dict[str, tuple[object, bool]], recipe: dict) -> dict:
+  """Each field's value for training: its flag's when given, else the recipe's, else the
+  flag's default. One rule for the trainer and for scripts that check its runs up front.
+
+  Args:
+    flag_values: field -> (its flag's value, whether the flag was given).
+    recipe: the recipe's field values (trainer/recipes.py).
+  Raises:
+    ConfigError: for a list flag whose items are not integers.
+  """
+  values = {}
+  for field, (value, present) in flag_values.items():
+    value = value if present or field not in recipe else recipe[field]
+    if field in INT_TUPLE_FIELDS and value is not None:
+      try:
+        value = tuple(int(v) for v in value)
+      except ValueError:
+        raise ConfigError(f"--{field} must be comma-separated integers, got "
+                          f"{','.join(value)}") from None
+    values[field] = value
+  return values
+
+
 def for_existing_run(saved: dict, given: dict, source: str) -> tuple[Config, list[str]]:
   """The Config of an evaluation or export of a run: the run's settings (its config.json,
   `saved`), with the flags given explicitly where they may differ.

@@ -20,8 +20,6 @@ FLAGS = flags.FLAGS
 # Every flag, defined once in trainer/flag_definitions.py (some scripts share them).
 flag_definitions.define()
 
-_INT_TUPLES = ("stage_sizes", "stage_widths", "profile_steps")
-
 
 def config_from_flags(notes: list[str] | None = None) -> config_lib.Config:
   """Builds the Config from the parsed flags (flag names equal field names).
@@ -36,20 +34,11 @@ def config_from_flags(notes: list[str] | None = None) -> config_lib.Config:
   """
   warn = logging.warning if notes is None else notes.append
   from trainer import recipes
-  recipe = recipes.RECIPES[FLAGS.recipe]
-  values, given = {}, {}
-  for field in config_lib.Config.__dataclass_fields__:
-    flag = FLAGS[field]
-    value = flag.value if flag.present or field not in recipe else recipe[field]
-    if field in _INT_TUPLES and value is not None:
-      try:
-        value = tuple(int(v) for v in value)
-      except ValueError:
-        raise config_lib.ConfigError(f"--{field} must be comma-separated integers, got "
-                                     f"{','.join(value)}") from None
-    values[field] = value
-    if flag.present or field in ("mode", "model_dir"):
-      given[field] = value
+  flag_values = {field: (FLAGS[field].value, FLAGS[field].present)
+                 for field in config_lib.Config.__dataclass_fields__}
+  values = config_lib.training_values(flag_values, recipes.RECIPES[FLAGS.recipe])
+  given = {field: values[field] for field, (_, present) in flag_values.items()
+           if present or field in ("mode", "model_dir")}
   saved_path = os.path.join(FLAGS.model_dir, run_files.CONFIG_FILE)
   if FLAGS.mode == "train":
     return config_lib.Config(**values)
