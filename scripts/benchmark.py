@@ -348,8 +348,9 @@ class TrainerSteps:
     config = config_lib.Config(
         depth=FLAGS.depth, plain=FLAGS.plain, stem=FLAGS.stem, data_source="synthetic",
         epochs=1, steps_per_epoch=10**6, global_batch_size=FLAGS.global_batch_size,
-        precision=precision or FLAGS.precision, jit_compile=FLAGS.jit_compile, strategy=FLAGS.strategy,
-        cpu_devices=FLAGS.cpu_devices, steps_per_execution=FLAGS.steps_per_execution)
+        precision=precision or FLAGS.precision, jit_compile=FLAGS.jit_compile,
+        strategy=FLAGS.strategy, cpu_devices=FLAGS.cpu_devices,
+        steps_per_execution=FLAGS.steps_per_execution)
     strategy = distribute.make_strategy(config.strategy)
     hardware = train.resolve_hardware(config, strategy)
     plan = schedule.make_plan(config, replicas=strategy.num_replicas_in_sync,

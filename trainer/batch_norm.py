@@ -119,9 +119,9 @@ def _kernel_runs(dtype: str) -> bool:
   Every TensorFlow build registers float32; half types depend on the build and device,
   and a registered kernel may still refuse to run: oneDNN's bfloat16 batch norm needs
   AVX-512 on most CPUs (under ONEDNN_MAX_CPU_ISA=AVX2 an AVX-512 AMD EPYC raised "could
-  not create a primitive descriptor"; an AVX2-only AMD EPYC of 2026-12-03 runs it). So a half type is run once, when first
-  used; only that one, since oneDNN logs an error line for float16 on CPUs without
-  AVX512-FP16 whenever a float16 kernel runs.
+  not create a primitive descriptor"; an AVX2-only AMD EPYC of 2026-12-03 runs it). So a
+  half type is run once, when first used; only that one, since oneDNN logs an error line
+  for float16 on CPUs without AVX512-FP16 whenever a float16 kernel runs.
   """
   return dtype == "float32" or (dtype in _registered_dtypes() and _runs(dtype))
 
