@@ -185,7 +185,8 @@ def parse_extra_args(text: str) -> tuple[list[str], dict[str, str]]:
 
 def check_trainer_settings(jobs: list[Job], extra_args: list[str]) -> None:
   """Exits 2 when the trainer would refuse a run's settings, e.g. --extra_args=--seed=-5
-  or a --recipe that needs --epochs: before any run starts, not once in each run.
+  or a --recipe that needs --epochs, or would not train (--mode=eval): before any run
+  starts, not once in each run.
 
   Builds each run's Config as trainer/main.py does (pure Python: no TensorFlow).
   """
@@ -198,11 +199,15 @@ def check_trainer_settings(jobs: list[Job], extra_args: list[str]) -> None:
       values = config_lib.training_values(
           {field: (trainer_flags[field].value, trainer_flags[field].present) for field in fields},
           recipes.RECIPES[trainer_flags.recipe])
-      config_lib.Config(**values)
+      config = config_lib.Config(**values)
     except flags.Error as e:
       cli.fail(f"{job.label}: {cli.flag_error(e, trainer_flags)}")
     except errors.ConfigError as e:
       cli.fail(f"the trainer would refuse {job.label}'s settings: {e}")
+    if config.mode != "train":
+      cli.fail(f"--extra_args: --mode={config.mode}: a study trains its runs; "
+               f"{config.mode} one afterwards with python -m trainer.main "
+               f"--mode={config.mode} --model_dir={job.model_dir}")
 
 
 def run_state(job: Job, extra_values: dict[str, str]) -> str:
@@ -268,8 +273,9 @@ def _final_line(job: Job) -> str:
   metrics = experiment.read_metrics(job.model_dir) or {}
   if "test_accuracy" not in metrics:
     return "no metrics.json"
-  return (f"test error {experiment.error_percent(metrics['test_accuracy']):.2f}% (best "
-          f"{experiment.error_percent(metrics['best_test_accuracy']):.2f}%)")
+  return (f"final test error {experiment.error_percent(metrics['test_accuracy']):.2f}% "
+          f"(best epoch {experiment.error_percent(metrics['best_test_accuracy']):.2f}%: "
+          "test-selected, not a result)")
 
 
 class _Running:

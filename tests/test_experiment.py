@@ -83,6 +83,9 @@ def test_rerun_reuses_finished_runs(study):
   result = run_script("compare_plain_residual.py", *TINY, f"--output_dir={out}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "reusing plain-8" in result.stdout and "reusing ResNet-8" in result.stdout
+  # The best epoch, chosen on the test split, is never printed as if it were a result.
+  assert re.search(r"reusing ResNet-8: finished in \S+, final test error [\d.]+% \(best "
+                   r"epoch [\d.]+%: test-selected, not a result\)", result.stdout)
   assert "start " not in result.stdout
   assert [p.stat().st_mtime_ns for p in metrics] == mtimes
   assert len(read_csv(out / "curves.csv")) == 4
@@ -270,9 +273,13 @@ def _write_rows(path, rows):
      "comma-separated integers, got 16,x,64"),
     (["--depths=8", "--extra_args=--lr_schedule=cosine --recipe=he2016"],
      "error: the trainer would refuse plain-8's settings: --epochs is needed unless"),
+    # Every run failed: "no checkpoint in .../checkpoints: train first".
+    (["--depths=8", "--extra_args=--mode=eval"],
+     "error: --extra_args: --mode=eval: a study trains its runs; eval one afterwards with "
+     "python -m trainer.main --mode=eval --model_dir={tmp}/out/plain-8"),
 ], ids=["no-depths", "output-dir-under-a-file", "unknown-trainer-flag", "bad-trainer-value",
         "unbalanced-quotes", "value-the-config-refuses", "list-of-non-integers",
-        "recipe-without-its-length"])
+        "recipe-without-its-length", "not-training"])
 def test_a_study_that_cannot_run_is_refused_with_error_and_exit_2(tmp_path, args, message):
   (tmp_path / "file.txt").write_text("")
   args = [a.format(tmp=tmp_path) for a in args]
