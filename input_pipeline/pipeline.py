@@ -123,9 +123,12 @@ def _shard(dataset: tf.data.Dataset,
   return dataset.shard(pipelines, pipeline_id)
 
 
-def _options(deterministic: bool) -> tf.data.Options:
+def _options() -> tf.data.Options:
   options = tf.data.Options()
-  options.deterministic = deterministic
+  # Batches in their planned order, always: a resumed run, every worker and every replica
+  # count then train on the same global batches (tf.data could otherwise hand out a later
+  # chunk first). It costs nothing measurable (BENCHMARKS.md, "Input pipeline").
+  options.deterministic = True
   # Sharding is done explicitly (per input pipeline), so tf.distribute must not try.
   options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
   return options
@@ -145,9 +148,9 @@ def _shard_size(num_examples: int, pipeline_id: int, pipelines: int) -> int:
 
 
 def train_pipeline(dataset: tf.data.Dataset, *, per_replica_batch_size: int, seed: int,
-                   start_step: int = 0, deterministic: bool = False,
-                   input_context: tf.distribute.InputContext | None = None
-                   ) -> tf.data.Dataset:
+                   start_step: int = 0,
+                   input_context: tf.distribute.InputContext | None = None,
+                   with_ids: bool = False) -> tf.data.Dataset:
   """Endless, shuffled, augmented training batches: this pipeline's part of every global
   batch, made from all examples held in memory.
 
@@ -157,23 +160,24 @@ def train_pipeline(dataset: tf.data.Dataset, *, per_replica_batch_size: int, see
   epoch is dropped), and this pipeline yields its slice of each, one per-replica batch per
   replica it feeds. An example's crop and flip are keyed by (seed, epoch, example). So
   the global batches, augmentation included, are the same whatever the number of
-  replicas, pipelines and workers. Only indices are shuffled: images are gathered from
-  one in-memory table and augmented CHUNK_IMAGES at a time.
+  replicas, pipelines and workers, and whatever step a run resumed at. Only indices are
+  shuffled: images are gathered from one in-memory table and augmented CHUNK_IMAGES at a
+  time.
 
   Args:
     dataset: (uint8 image, int label) examples, of known size (e.g. Split.as_dataset()).
     per_replica_batch_size: examples in each batch this pipeline yields.
     seed: seeds the order and the augmentation; it must be the same in every pipeline of
-      a run (the caller draws one for a run that is not deterministic).
-    start_step: global steps already trained. When `deterministic`, the pipeline starts
-      where an unstopped run would be: it skips start_step x (replicas this pipeline
-      feeds) batches, without computing them. Ignored otherwise.
-    deterministic: batches in their order (tf.data may otherwise reorder chunks) and the
-      resume skip above: for a given seed and global batch, the same batches on every
-      run and after a resume.
+      a run, and when it resumes (the caller draws one for a run that is not
+      deterministic, and keeps it).
+    start_step: global steps already trained: the pipeline starts where an unstopped run
+      would be, at global step start_step + 1, without computing the batches before it.
     input_context: this pipeline's place among all pipelines.
+    with_ids: also yield each example's `example_ids` (which example, which crop and
+      flip), for checking what a run trained on.
   Returns:
-    a dataset of (uint8 [B, H, W, C], int32 [B]) batches, B = per_replica_batch_size.
+    a dataset of (uint8 [B, H, W, C], int32 [B]) batches, B = per_replica_batch_size,
+    or (..., int32 [B] ids) with_ids.
   Raises:
     ValueError: when the data has fewer examples than one global batch, or its size is
       unknown.
@@ -183,23 +187,42 @@ def train_pipeline(dataset: tf.data.Dataset, *, per_replica_batch_size: int, see
   batch_size = per_replica_batch_size
   steps_per_epoch = _global_steps_per_epoch(num_examples, batch_size, replicas_fed * pipelines)
   batches_per_chunk = max(1, CHUNK_IMAGES // batch_size)
-  first_batch = start_step * replicas_fed if deterministic else 0
-  first_chunk, skip_batches = divmod(first_batch, batches_per_chunk)
   plan = _EpochPlan(tf.constant([seed, 0], tf.int64), num_examples, steps_per_epoch,
                     (pipeline_id, pipelines, replicas_fed), batch_size)
-  chunk_plans = plan.chunks(batches_per_chunk, first_chunk * batches_per_chunk)
+  # Chunks start at the first batch to train on: the batches are the unstopped run's
+  # wherever the chunks' boundaries fall (they hold whole batches, each made from its
+  # own examples' plan).
+  chunk_plans = plan.chunks(batches_per_chunk, start_step * replicas_fed)
   # The table is made once per iterator, then handed (by reference) to every chunk.
   tables = _in_memory(dataset, num_examples).flat_map(
       lambda images, labels: tf.data.Dataset.from_tensors(
           (crop_table(images), labels)).repeat())
   make_chunk = functools.partial(
       _make_chunk, image_shape=tuple(dataset.element_spec[0].shape), batch_size=batch_size,
-      batches_per_chunk=batches_per_chunk)
+      batches_per_chunk=batches_per_chunk, with_ids=with_ids)
   dataset = tf.data.Dataset.zip(tables, chunk_plans)
   dataset = dataset.map(make_chunk, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-  if skip_batches:
-    dataset = dataset.skip(skip_batches)
-  return dataset.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic))
+  return dataset.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+# An example's id in a batch (`with_ids`): example * AUGMENTATIONS + its augmentation,
+# (top * CROP_OFFSETS + left) * 2 + flipped, top and left the crop's offsets.
+CROP_OFFSETS = 2 * PAD + 1
+AUGMENTATIONS = CROP_OFFSETS * CROP_OFFSETS * 2
+
+
+def example_ids(indices: tf.Tensor, top: tf.Tensor, left: tf.Tensor,
+                flip: tf.Tensor) -> tf.Tensor:
+  """Each example's id: which example (its index in the dataset) and its crop and flip."""
+  return (indices * CROP_OFFSETS + top) * (CROP_OFFSETS * 2) + left * 2 + flip
+
+
+def decode_example_ids(ids) -> tuple:
+  """The inverse of example_ids, on NumPy arrays: (indices, top, left, flip)."""
+  indices, augmentation = divmod(ids, AUGMENTATIONS)
+  offsets, flip = divmod(augmentation, 2)
+  top, left = divmod(offsets, CROP_OFFSETS)
+  return indices, top, left, flip
 
 
 def _global_steps_per_epoch(num_examples: int, per_replica_batch_size: int,
@@ -265,14 +288,18 @@ class _EpochPlan:
 
 
 def _make_chunk(table_and_labels, chunk_plan, *, image_shape: tuple[int, ...],
-                batch_size: int, batches_per_chunk: int):
+                batch_size: int, batches_per_chunk: int, with_ids: bool):
   """Augments one chunk of images gathered from the table, split into batches."""
   table, labels = table_and_labels
   indices, top, left, flip = (tf.reshape(t, [-1]) for t in chunk_plan)
   images = _crop_from_table(table, indices, top[:, tf.newaxis], left[:, tf.newaxis],
                             flip[:, tf.newaxis] > 0, *image_shape)
-  return (tf.reshape(images, [batches_per_chunk, batch_size, *image_shape]),
-          tf.reshape(tf.gather(labels, indices), [batches_per_chunk, batch_size]))
+  batches = (tf.reshape(images, [batches_per_chunk, batch_size, *image_shape]),
+             tf.reshape(tf.gather(labels, indices), [batches_per_chunk, batch_size]))
+  if with_ids:
+    ids = example_ids(indices, top, left, flip)
+    batches += (tf.reshape(ids, [batches_per_chunk, batch_size]),)
+  return batches
 
 
 def eval_pipeline(dataset: tf.data.Dataset, *, per_replica_batch_size: int,
@@ -324,5 +351,5 @@ def eval_pipeline(dataset: tf.data.Dataset, *, per_replica_batch_size: int,
   dataset = _shard(dataset, input_context).batch(steps * batch_size + 1)
   dataset = dataset.take(1).map(
       lambda images, labels: to_batches(images, tf.cast(labels, tf.int32)))
-  return dataset.unbatch().prefetch(tf.data.AUTOTUNE).with_options(_options(True))
+  return dataset.unbatch().prefetch(tf.data.AUTOTUNE).with_options(_options())
 

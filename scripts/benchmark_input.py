@@ -16,7 +16,7 @@ from absl import app, flags  # noqa: E402
 from trainer import cli, flag_definitions  # noqa: E402
 
 # The trainer's flags (trainer/flag_definitions.py), with this script's defaults.
-flag_definitions.define("data_source", "data_dir", "global_batch_size", "deterministic",
+flag_definitions.define("data_source", "data_dir", "global_batch_size",
                         defaults={"data_source": "synthetic"},
                         notes={"global_batch_size": "One replica here."})
 flags.DEFINE_integer("num_batches", 1000, "Training batches per timed window.",
@@ -89,7 +89,7 @@ def main(argv):
   batch_size = FLAGS.global_batch_size
   with Window() as build:
     dataset = pipeline.train_pipeline(train.as_dataset(), per_replica_batch_size=batch_size,
-                                      seed=FLAGS.seed, deterministic=FLAGS.deterministic)
+                                      seed=FLAGS.seed)
     iterator = iter(dataset)
 
     @tf.function
@@ -142,7 +142,6 @@ def main(argv):
   result = {
       "data_source": FLAGS.data_source,
       "global_batch_size": batch_size,
-      "deterministic": FLAGS.deterministic,
       "images_per_second": statistics.median(rates),
       "images_per_second_windows": [round(r) for r in rates],
       "cpu_us_per_image": statistics.median(cpu_per_image),

@@ -93,8 +93,7 @@ def test_augment_batch_inside_tf_data_equals_eager():
 
 def test_train_pipeline_batches_are_augmented_examples_with_their_labels():
   images, dataset = labelled_dataset(96)
-  train = pipeline.train_pipeline(dataset, per_replica_batch_size=8, seed=0,
-                                  deterministic=True)
+  train = pipeline.train_pipeline(dataset, per_replica_batch_size=8, seed=0)
   assert train.element_spec[0].shape == (8, 32, 32, 3)
   assert train.element_spec[0].dtype == tf.uint8
   assert train.element_spec[1].shape == (8,) and train.element_spec[1].dtype == tf.int32
@@ -105,8 +104,7 @@ def test_train_pipeline_batches_are_augmented_examples_with_their_labels():
 
 def test_train_pipeline_shuffles_the_whole_shard_every_epoch():
   _, dataset = labelled_dataset(100)
-  train = pipeline.train_pipeline(dataset, per_replica_batch_size=8, seed=0,
-                                  deterministic=True)
+  train = pipeline.train_pipeline(dataset, per_replica_batch_size=8, seed=0)
   # 100 // 8 = 12 batches an epoch; the last 4 examples of each epoch's order are dropped.
   epochs = [np.concatenate([labels for _, labels in take(train.skip(12 * e), 12)])
             for e in range(2)]
@@ -115,10 +113,26 @@ def test_train_pipeline_shuffles_the_whole_shard_every_epoch():
   assert not np.array_equal(epochs[0], epochs[1])
 
 
+def test_example_ids_name_each_example_its_crop_and_its_flip():
+  images, dataset = labelled_dataset(40)
+  train = pipeline.train_pipeline(dataset, per_replica_batch_size=8, seed=1, with_ids=True)
+  assert train.element_spec[2].shape == (8,) and train.element_spec[2].dtype == tf.int32
+  seen = []
+  for batch_images, labels, ids in take(train, 10):  # two epochs of 5 batches
+    indices, top, left, flip = pipeline.decode_example_ids(ids)
+    np.testing.assert_array_equal(indices, labels)  # labelled_dataset: label = index
+    for image, i, t, l, f in zip(batch_images, indices, top, left, flip):
+      assert window_of(image, images[i]) == (t, l, bool(f))
+    seen.append(ids)
+  epochs = np.concatenate(seen).reshape(2, 40)
+  for epoch in epochs:  # every example once an epoch, with new crops the next epoch
+    assert sorted(pipeline.decode_example_ids(epoch)[0]) == list(range(40))
+  assert not np.array_equal(np.sort(epochs[0]), np.sort(epochs[1]))
+
+
 def test_train_pipeline_works_with_big_batches_and_chunks():
   _, dataset = labelled_dataset(3000)
-  train = pipeline.train_pipeline(dataset, per_replica_batch_size=1500, seed=0,
-                                  deterministic=True)
+  train = pipeline.train_pipeline(dataset, per_replica_batch_size=1500, seed=0)
   batches = take(train, 3)
   assert [len(labels) for _, labels in batches] == [1500] * 3
   assert len(set(np.concatenate([labels for _, labels in batches[:2]]))) == 3000
@@ -126,10 +140,10 @@ def test_train_pipeline_works_with_big_batches_and_chunks():
 
 # Determinism and resume.
 
-def test_deterministic_gives_the_same_batches_twice():
+def test_the_same_seed_gives_the_same_batches_twice():
   _, dataset = labelled_dataset(64)
   make = lambda seed: take(pipeline.train_pipeline(
-      dataset, per_replica_batch_size=8, seed=seed, deterministic=True), 20)
+      dataset, per_replica_batch_size=8, seed=seed), 20)
   first, second, other = make(7), make(7), make(8)
   for a, b in zip(first, second):
     np.testing.assert_array_equal(a[0], b[0])
@@ -148,12 +162,12 @@ def test_a_run_that_is_not_deterministic_draws_its_data_seed_and_one_that_is_use
 
 
 @pytest.mark.parametrize("start_step", [1, 5, 8, 13, 27])
-def test_deterministic_resume_equals_the_unskipped_pipeline(start_step):
+def test_a_resumed_pipeline_goes_on_with_the_batches_of_the_unstopped_one(start_step):
   # 8 batches an epoch, 4 batches a chunk (CHUNK_IMAGES / 8): the steps cross both.
   _, dataset = labelled_dataset(70)
   with mock.patch.object(pipeline, "CHUNK_IMAGES", 32):
     make = lambda step: pipeline.train_pipeline(
-        dataset, per_replica_batch_size=8, seed=3, start_step=step, deterministic=True)
+        dataset, per_replica_batch_size=8, seed=3, start_step=step)
     unskipped = take(make(0), start_step + 6)[start_step:]
     resumed = take(make(start_step), 6)
   for a, b in zip(unskipped, resumed):
@@ -166,8 +180,7 @@ def test_resume_skips_one_batch_per_replica_the_pipeline_feeds():
   context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0,
                                        num_replicas_in_sync=2)
   make = lambda step: pipeline.train_pipeline(dataset, per_replica_batch_size=4, seed=0,
-                                              start_step=step, deterministic=True,
-                                              input_context=context)
+                                              start_step=step, input_context=context)
   unskipped = take(make(0), 10)
   resumed = take(make(3), 4)  # 3 global steps = 6 batches of this pipeline
   for a, b in zip(unskipped[6:], resumed):
@@ -187,7 +200,7 @@ def test_two_input_contexts_train_on_disjoint_slices_that_cover_an_epoch():
   seen = []
   for context in contexts(2):
     train = pipeline.train_pipeline(dataset, per_replica_batch_size=8, seed=0,
-                                    deterministic=True, input_context=context)
+                                    input_context=context)
     # A global batch of 16: 3 steps an epoch, 8 examples of each from each pipeline.
     seen.append(set(np.concatenate([labels for _, labels in take(train, 3)])))
     assert len(seen[-1]) == 24
@@ -204,7 +217,7 @@ def global_batches(dataset, pipelines: int, replicas: int, steps: int, start_ste
   per_replica = 8 // (pipelines * replicas)
   streams = [take(pipeline.train_pipeline(
       dataset, per_replica_batch_size=per_replica, seed=5, start_step=start_step,
-      deterministic=True, input_context=context), steps * replicas)
+      input_context=context), steps * replicas)
              for context in contexts(pipelines, pipelines * replicas)]
   return [tuple(np.concatenate([stream[step * replicas + r][part] for stream in streams
                                 for r in range(replicas)]) for part in (0, 1))
@@ -288,7 +301,7 @@ def test_mirrored_strategy_gets_per_replica_batches_and_exact_evaluation():
   def train_fn(context):
     return pipeline.train_pipeline(dataset, per_replica_batch_size=
                                    context.get_per_replica_batch_size(8), seed=0,
-                                   deterministic=True, input_context=context)
+                                   input_context=context)
 
   def eval_fn(context):
     return pipeline.eval_pipeline(dataset, per_replica_batch_size=

@@ -309,7 +309,7 @@ class Loop:
     return pipeline.train_pipeline(
         self.splits.train.as_dataset(), per_replica_batch_size=self.plan.per_replica_batch_size,
         seed=self.place.data_seed, start_step=self.place.start_step,
-        deterministic=self.config.deterministic, input_context=input_context)
+        input_context=input_context)
 
   def run(self) -> None:
     """Trains from the restored step to the plan's last step."""
