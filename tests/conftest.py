@@ -176,6 +176,15 @@ class Run:
     self.process.wait()
 
 
+def wait_for(run: Run, pattern: str, timeout: float = 300) -> None:
+  """Until the run's stderr holds `pattern` (a regex); fails if it ends first."""
+  deadline = time.time() + timeout
+  while not re.search(pattern, run.stderr):
+    assert not run.poll(), f"{run.name} ended before {pattern!r}:\n{run.stderr[-3000:]}"
+    assert time.time() < deadline, f"{run.name}: no {pattern!r} within {timeout} s"
+    time.sleep(0.02)
+
+
 def finish(runs: list[Run], timeout: float) -> None:
   """Waits for every run; on the deadline kills them all and fails. Always reaps them."""
   deadline = time.time() + timeout
@@ -271,3 +280,93 @@ def checkpoint_weights(path: pathlib.Path | str) -> dict[str, np.ndarray]:
       name = re.sub(r"\.(.)", lambda m: "/" if m.group(1) == "S" else m.group(1), name)
       weights[name] = reader.get_tensor(key)
   return weights
+
+
+def checkpoint_tensors(path: pathlib.Path | str) -> dict[str, np.ndarray]:
+  """Every float tensor of a checkpoint (a dir: its latest) of model, optimizer, average,
+  in float64."""
+  reader = tf.train.load_checkpoint(str(path))
+  return {key: reader.get_tensor(key).astype(np.float64)
+          for key, dtype in reader.get_variable_to_dtype_map().items()
+          if key.split("/")[0] in ("model", "optimizer", "ema") and dtype.is_floating}
+
+
+def tensor_group(key: str) -> str:
+  """What a checkpoint tensor is: weights, batch-norm statistics, optimizer slots or
+  moving average."""
+  kind = key.split("/")[0]
+  if kind == "model":
+    return "batch-norm statistics" if "moving_" in key else "weights"
+  return {"optimizer": "optimizer slots", "ema": "moving average"}[kind]
+
+
+def change_errors(reference: dict, other: dict, initial: dict) -> dict[str, float]:
+  """||other - reference|| / ||reference - initial|| over each tensor_group: how far two
+  runs from one initial state end apart, relative to how far they moved (the loss scale,
+  which no initial state holds, is left out)."""
+  squares = {}
+  for key, value in reference.items():
+    if key in initial:
+      error, change = squares.setdefault(tensor_group(key), [0.0, 0.0])
+      squares[tensor_group(key)] = [error + ((other[key] - value) ** 2).sum(),
+                                    change + ((value - initial[key]) ** 2).sum()]
+  return {name: float(np.sqrt(e / c)) for name, (e, c) in squares.items() if c > 0}
+
+
+# N replicas against one device: how far the two may end apart, as change_errors measures
+# it. Measured on this trainer (AMD EPYC, AVX2, 2026-12-03), rounding alone gives at most
+# 1.7e-3 in float32 after 6 steps (4e-4 for fast and he2016), 1.7e-2 in mixed_float16 and
+# 4.6e-2 in mixed_bfloat16 (half-precision products round at 1e-3 and 8e-3); these are
+# about 6x that. A broken rule moves the change by its own size: clipping each replica's
+# share (the code before 2026-12-03) gave 0.47 for blog on 2 replicas; other data or
+# augmentation changes every update. docs/distribution.md and docs/invariants.md quote them.
+REPLICA_TOLERANCE = {"float32": 1e-2, "mixed_float16": 1e-1, "mixed_bfloat16": 2e-1}
+
+
+# What a run trained on (trainer.main.RECORD_BATCHES_VARIABLE).
+
+def recorded_batches(model_dir: pathlib.Path) -> dict[int, list[int]]:
+  """Each step's global batch as the run recorded it in batches.jsonl, as example ids: a
+  step's last record (a resumed run records again the steps it trains again)."""
+  recorded = {}
+  for line in (model_dir / "batches.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    recorded[record["step"]] = record["ids"]
+  return recorded
+
+
+def planned_batches(model_dir: pathlib.Path, steps: int) -> list[list[int]]:
+  """The global batches of steps 1..steps of the run in model_dir as its plan makes them,
+  anew here, by one input pipeline from the run's data and data seed (its config.json)."""
+  from input_pipeline import pipeline
+  from trainer import config as config_lib, data
+  settings = json.loads((model_dir / "config.json").read_text())
+  splits = data.load(config_lib.Config(
+      data_source=settings["data_source"], data_dir=settings["data_dir"],
+      seed=settings["seed"], validation_split=settings["validation_split"]))
+  batches = pipeline.train_pipeline(
+      splits.train.as_dataset(), per_replica_batch_size=settings["global_batch_size"],
+      seed=settings["data_seed_resolved"], with_ids=True)
+  return [ids.numpy().tolist() for _, _, ids in batches.take(steps)]
+
+
+# The session's summary.
+
+def pytest_terminal_summary(terminalreporter):
+  """The combination suite's table of cases (tests/test_combinations.py), each with its
+  outcome, whenever any of its cases ran."""
+  outcomes = {}
+  for reports in terminalreporter.stats.values():
+    for report in reports:
+      properties = dict(getattr(report, "user_properties", ()) or ())
+      if "case" in properties and getattr(report, "when", None) == "call":
+        outcomes[properties["case"]] = properties.get("outcome", report.outcome)
+  if not outcomes:
+    return
+  import test_combinations
+  terminalreporter.section("combination cases (tests/test_combinations.py)")
+  header, *rows = test_combinations.table()
+  terminalreporter.write_line(f"{header}  outcome")
+  for row in rows:
+    case = row.split(" ", 1)[0]
+    terminalreporter.write_line(f"{row}  {outcomes.get(case, 'not run')}")

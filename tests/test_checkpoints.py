@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (REPO, TINY_FLAGS, checkpoint_weights, run_and_kill, run_main,
+from conftest import (REPO, TINY_FLAGS, Run, checkpoint_weights, planned_batches,
+                      recorded_batches, run_and_kill, run_main, wait_for,
                       skip_unless_cpu_runs)
 
 
@@ -42,6 +43,36 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(tmp_path):
   assert expected.keys() == actual.keys() and expected
   for name in expected:
     np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+
+
+def test_a_default_run_killed_mid_epoch_resumes_on_the_uninterrupted_runs_batches(
+    tmp_path, image_folder):
+  """Not --deterministic: the data seed is drawn when the run starts and kept, and the
+  resumed pipeline starts at the resumed step. Before 2026-12-07 it started again at the
+  first batch of the run (the resume skip was for --deterministic only), so every stop
+  replayed what the run had already trained on. 40 images, 5 steps an epoch, 3 epochs;
+  killed two steps into the second."""
+  from input_pipeline import pipeline
+  from trainer import main
+  model_dir = tmp_path / "run"
+  args = ["--depth=8", "--data_source=folder", f"--data_dir={image_folder()}",
+          "--global_batch_size=8", "--epochs=3", "--log_every_steps=1",
+          "--checkpoint_every_steps=1", "--eval_steps=1", f"--model_dir={model_dir}"]
+  env = {main.RECORD_BATCHES_VARIABLE: "1"}
+  killed = Run(args, tmp_path / "logs", "killed", env)
+  try:
+    wait_for(killed, r"step 7/15")
+  finally:
+    killed.kill()
+  result = run_main(*args, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  step = int(re.search(r"resumed from \S+ at step (\d+)", result.stderr).group(1))
+  assert 5 < step < 10, step  # inside the second epoch
+  recorded = recorded_batches(model_dir)
+  assert recorded == dict(enumerate(planned_batches(model_dir, 15), 1))
+  for epoch in range(3):  # a permutation of the 40 examples each
+    ids = [i for s in range(epoch * 5 + 1, epoch * 5 + 6) for i in recorded[s]]
+    assert sorted(pipeline.decode_example_ids(np.array(ids))[0]) == list(range(40))
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
@@ -153,15 +184,19 @@ def test_a_failing_worker_removes_its_scratch_dir(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("which", ["latest", "best"])
 def test_eval_mode_reproduces_what_the_run_measured_for_that_checkpoint(finished_run, which):
-  # latest: the final model, whose test metrics are metrics.json's; best: the epoch
-  # with the best evaluation accuracy in history.json (the first, on a tie).
-  result = run_main(*TINY_FLAGS, "--mode=eval", f"--checkpoint={which}",
+  # latest: the final model, whose test metrics (over the whole test split) are
+  # metrics.json's; best: the epoch with the best evaluation accuracy in history.json (the
+  # first, on a tie), measured on the run's --eval_steps=2 batches, given again here.
+  cap = ["--eval_steps=2"] if which == "best" else []
+  result = run_main("--mode=eval", f"--checkpoint={which}", *cap,
                     f"--model_dir={finished_run}")
   assert result.returncode == 0, result.stderr[-3000:]
   evaluated = json.loads((finished_run / "eval.json").read_text())
   assert f"test accuracy {evaluated['test_accuracy']:.4f}" in result.stdout
-  assert evaluated["examples"] == 32  # --eval_steps=2 x 16
+  assert evaluated["split_examples"] == 10000
+  assert evaluated["examples"] == (32 if cap else 10000)  # --eval_steps=2 x 16
   run = json.loads((finished_run / "metrics.json").read_text())
+  assert run["test_examples"] == 10000
   if which == "latest":
     step, measured = run["steps"], {k[len("test_"):]: run[k] for k in ("test_accuracy",
                                                                         "test_loss")}

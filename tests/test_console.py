@@ -52,8 +52,9 @@ def test_a_run_whose_steps_all_ran_in_the_untimed_first_call_shows_no_speed(tmp_
   step = [line for line in result.stderr.splitlines() if " step 2/2 " in line]
   assert step and step[0].endswith(" (speed: the first call is not timed)"), step
   done = result.stdout.strip().splitlines()[-1]
-  assert re.fullmatch(r"done: resnet8 test accuracy \d\.\d{4} after 1\.0 epochs \(2 steps\) "
-                      r"in \d+ s; metrics in .*metrics\.json", done), done
+  assert re.fullmatch(r"done: resnet8 test accuracy \d\.\d{4} on all 10000 test images "
+                      r"after 1\.0 epochs \(2 steps\) in \d+ s; metrics in .*metrics\.json",
+                      done), done
   assert json.loads((tmp_path / "run" / "metrics.json").read_text())[
       "images_per_second"] is None
 
@@ -81,7 +82,8 @@ def test_eval_and_export_need_nothing_but_the_run_dir(run, tmp_path):
   assert "eval: resnet8 " in evaluated.stdout
   assert "data_source=synthetic" in evaluated.stderr and "depth=8" in evaluated.stderr
   saved = json.loads((model_dir / "eval.json").read_text())
-  assert saved["model"] == "resnet8" and saved["examples"] == 32
+  # The whole test split: the run's --eval_steps capped its per-epoch evaluations only.
+  assert saved["model"] == "resnet8" and saved["examples"] == saved["split_examples"] == 10000
   # No TensorFlow chatter: every stderr line is the trainer's own.
   assert not [line for line in evaluated.stderr.splitlines()
               if "tensorflow" in line.lower() or ABSL_PREFIX.match(line)]

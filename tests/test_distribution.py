@@ -266,6 +266,21 @@ def test_mirrored_on_two_cpus_follows_the_default_strategy_loss_trajectory(
   assert default[-3:].mean() < default[:3].mean() - 0.2  # It did learn something.
 
 
+def test_xla_with_sync_batch_norm_on_cpu_replicas_is_refused_before_anything_is_written(
+    tmp_path):
+  """The synchronised batch norm all-reduces inside the step XLA compiles, which
+  TensorFlow's XLA compiles only on GPUs and TPUs: it crashed at the first step
+  ("merge_call called while defining a new graph"), after config.json was written."""
+  model_dir = tmp_path / "run"
+  result = run_main(*TINY_FLAGS, "--epochs=1", "--strategy=mirrored", "--cpu_devices=2",
+                    "--jit_compile=true", "--sync_batch_norm", f"--model_dir={model_dir}")
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert ("error: --sync_batch_norm cannot be combined with XLA (--jit_compile=true) on 2 "
+          "CPU replicas") in result.stderr
+  assert "--jit_compile=false" in result.stderr and "Traceback" not in result.stderr
+  assert not model_dir.exists()
+
+
 # Mixed precision with XLA under MirroredStrategy, through the entrypoint: subprocesses,
 # because only TensorFlow's C++ log (--tf_logs) shows that XLA really compiled, once per
 # process. The two run at once to halve the wall time of the XLA compilations. Not

@@ -13,7 +13,7 @@ from input_pipeline import sources
 from trainer import config as config_lib
 from trainer import evaluation, schedule, state as state_lib, train
 
-from conftest import checkpoint_weights
+from conftest import checkpoint_weights, run_main
 
 TINY = dict(depth=8, data_source="synthetic", global_batch_size=16, eval_steps=2)
 
@@ -68,6 +68,35 @@ def test_the_ema_is_the_hand_computed_average_and_differs_from_the_weights(tmp_p
   assert not np.allclose(ema[kernel], current[kernel])
   assert outcome.metrics["test_ema_accuracy"] >= 0
   assert outcome.metrics["test_ema_loss"] != outcome.metrics["test_loss"]
+
+
+def test_final_metrics_cover_the_whole_test_split_whatever_eval_steps_capped(
+    tmp_path, image_folder):
+  """--eval_steps caps the per-epoch evaluations only. Before 2026-12-07 metrics.json's
+  test_accuracy was the last capped evaluation's (32 of 10,000 images), and --mode=eval
+  carried the run's cap too, neither saying so."""
+  model_dir = tmp_path / "run"
+  result = run_main("--depth=8", "--data_source=folder", f"--data_dir={image_folder()}",
+                    "--global_batch_size=8", "--epochs=1", "--eval_steps=1", "--eval_flip",
+                    f"--model_dir={model_dir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = json.loads((model_dir / "metrics.json").read_text())
+  assert metrics["test_examples"] == 20  # image_folder(): 2 test images of 10 classes
+  assert np.sum(metrics["test_confusion_matrix"]) == 20
+  assert [h["test_examples"] for h in metrics["history"]] == [8]
+  assert "test accuracy" in result.stdout and "on all 20 test images" in result.stdout
+  assert "(8 of 20 images: --eval_steps)" in result.stderr
+  for cap, examples, said in ((["--eval_steps=1"], 8,
+                               "on 8 of the 20 test images (capped by --eval_steps)"),
+                              ([], 20, "on all 20 test images")):
+    result = run_main("--mode=eval", *cap, f"--model_dir={model_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert said in result.stdout
+    evaluated = json.loads((model_dir / "eval.json").read_text())
+    assert (evaluated["examples"], evaluated["split_examples"]) == (examples, 20)
+  # The whole split, from the final checkpoint: metrics.json's count of correct answers.
+  assert evaluated["test_accuracy"] == metrics["test_accuracy"]
+  assert evaluated["test_flip_accuracy"] == metrics["test_flip_accuracy"]
 
 
 def test_a_validation_run_evaluates_the_test_split_once_at_the_end(tmp_path):

@@ -151,9 +151,11 @@ def test_ema_and_flip_tta_evaluation_give_finite_metrics(tmp_path):
     assert math.isfinite(metrics[key]) and metrics[key] >= 0, key
   for key in ("test_accuracy", "test_flip_accuracy", "test_ema_accuracy"):
     assert 0.0 <= metrics[key] <= 1.0
-  # The EMA is checkpointed and evaluated again by --mode=eval.
+  # The EMA is checkpointed and evaluated again by --mode=eval (over the whole test
+  # split, as the final metrics are).
   evaluated = evaluation.evaluate_checkpoint(
-      config_lib.Config(**{**config.__dict__, "mode": "eval"}), tf.distribute.get_strategy())
+      config_lib.Config(**{**config.__dict__, "mode": "eval", "eval_steps": None}),
+      tf.distribute.get_strategy())
   assert evaluated["test_ema_accuracy"] == pytest.approx(metrics["test_ema_accuracy"])
   assert evaluated["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
 

@@ -267,6 +267,15 @@ def test_flag_errors_use_the_trainers_format(tmp_path, flag, needle):
   assert not (tmp_path / "run").exists()
 
 
+def test_too_many_logical_cpu_devices_are_refused_at_once(tmp_path):
+  """--cpu_devices had no upper bound: 100,000 of them were still being created after
+  90 s (each replica also traces its own copy of the step)."""
+  result = trainer("--cpu_devices=100000", "--strategy=mirrored",
+                   f"--model_dir={tmp_path / 'run'}", timeout=60)
+  assert_user_error(result, "error: --cpu_devices must be at most 64, got 100000")
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("flag, needle", [
     ("--ema_decay=0.9", "--ema_decay: 0.0 (no moving-average variables) in"),
     ("--precision=mixed_float16", "--precision: float32 (no loss-scale variables)"),

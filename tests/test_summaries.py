@@ -99,7 +99,8 @@ def test_the_experiment_config_declares_the_compared_hparams_and_the_metrics(stu
   for name in ("depth", "learning_rate", "epochs", "seed"):
     assert infos[name].type == api_pb2.DATA_TYPE_FLOAT64, name
   metric_names = {(m.name.group, m.name.tag): m.display_name for m in experiment.metric_infos}
-  assert metric_names == {("test", "epoch_accuracy"): "test accuracy",
+  assert metric_names == {("test", "final_test_accuracy"): "final test accuracy",
+                          ("test", "epoch_accuracy"): "test accuracy",
                           ("test", "epoch_loss"): "test loss",
                           ("", "best_test_accuracy"): "best test accuracy (test-selected)",
                           ("train", "epoch_loss"): "final training loss"}
@@ -124,8 +125,12 @@ def test_every_run_is_one_session_in_its_own_dir_with_its_hparams_and_status(stu
     assert group.hparams["strategy"].string_value == "default"
     assert group.hparams["precision"].string_value == "float32"
     assert group.hparams["data_source"].string_value == "synthetic"
-    assert metric_value(session, "test", "epoch_accuracy") == pytest.approx(
+    # The result, over the whole test split; the last epoch's evaluation (of the runs'
+    # --eval_steps=2 batches).
+    assert metric_value(session, "test", "final_test_accuracy") == pytest.approx(
         result["test_accuracy"])
+    assert metric_value(session, "test", "epoch_accuracy") == pytest.approx(
+        result["history"][-1]["test_accuracy"])
     assert metric_value(session, "", "best_test_accuracy") == pytest.approx(
         result["best_test_accuracy"])
     assert metric_value(session, "train", "epoch_loss") == pytest.approx(
@@ -210,7 +215,10 @@ def test_per_class_accuracy_is_recorded_and_weighted_by_class_counts_is_the_accu
   names = [str(i) for i in range(10)]  # The synthetic source's class names.
   confusion = np.array(result["test_confusion_matrix"])
   assert confusion.shape == (10, 10)
-  assert confusion.sum() == 2 * 16  # eval_steps x global batch: no padding counted.
+  # The final matrix: the whole test split (the synthetic one's 10,000), no padding
+  # counted; each epoch's: its --eval_steps=2 batches.
+  assert confusion.sum() == result["test_examples"] == 10000
+  assert [h["test_examples"] for h in result["history"]] == [2 * 16] * 2
   per_class = result["test_per_class_accuracy"]
   assert set(per_class) == set(names)
   counts = confusion.sum(axis=1)
@@ -218,13 +226,13 @@ def test_per_class_accuracy_is_recorded_and_weighted_by_class_counts_is_the_accu
   assert weighted == pytest.approx(result["test_accuracy"])
   # With flip TTA and an EMA too, the matrix is the plain evaluation's.
   plain = read_json(study / "plain" / "metrics.json")
-  assert np.trace(plain["test_confusion_matrix"]) / 32 == pytest.approx(plain["test_accuracy"])
+  assert np.trace(plain["test_confusion_matrix"]) / 10000 == pytest.approx(
+      plain["test_accuracy"])
   assert all(per_class[n] is None for n, c in zip(names, counts) if not c)
   for record in result["history"]:
     assert set(record["test_per_class_accuracy"]) == set(names)
-  assert result["history"][-1]["test_per_class_accuracy"] == per_class
   on_disk = read_json(study / "residual" / "history.json")["history"]
-  assert on_disk[-1]["test_per_class_accuracy"] == per_class
+  assert on_disk == result["history"]
 
 
 def test_rerunning_a_finished_run_keeps_its_per_class_results(tmp_path):
@@ -258,7 +266,11 @@ def test_the_confusion_matrix_image_is_written_at_every_evaluation(study):
   width, height, png = tf.make_ndarray(events[-1].tensor_proto)
   image = tf.io.decode_png(png).numpy()
   assert image.shape == (240, 240, 3) and (int(width), int(height)) == (240, 240)
-  # The last one draws the final matrix of metrics.json.
+  # The final matrix of metrics.json (the whole test split, past the epochs' cap) is
+  # drawn once more at the end.
+  [final] = board.multiplexer.Tensors(eval_run, "final_test_confusion_matrix")
+  assert final.step == history[-1]["step"]
+  image = tf.io.decode_png(tf.make_ndarray(final.tensor_proto)[2]).numpy()
   np.testing.assert_array_equal(
       image, summaries.confusion_image(np.array(result["test_confusion_matrix"]))[0])
 

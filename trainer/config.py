@@ -17,6 +17,10 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 JIT_COMPILE = ("auto", "true", "false")
 # --learning_rate is defined for this global batch and scaled linearly (Goyal et al. 2017).
 REFERENCE_BATCH_SIZE = 128
+# Logical CPU devices are for trying replicas without GPUs, or one replica per core. Each
+# replica traces its own copy of the step: 32 of them took 110 s to start a ResNet-8 on 2
+# cores, and 100,000 were still being created after 90 s.
+MAX_CPU_DEVICES = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +98,11 @@ class Config:
     for name in ("global_batch_size", "cpu_devices", "log_every_steps",
                  "checkpoint_every_steps", "keep_checkpoints", "peer_timeout_seconds"):
       _positive(name, getattr(self, name))
+    if self.cpu_devices > MAX_CPU_DEVICES:
+      raise ConfigError(f"--cpu_devices must be at most {MAX_CPU_DEVICES}, got "
+                        f"{self.cpu_devices}: logical CPU devices are for trying replicas "
+                        "without GPUs (or one per core), and every replica traces its own "
+                        "copy of the step, so start-up time grows with their number")
     for name in ("epochs", "steps_per_epoch", "eval_steps", "num_gpus", "clipnorm",
                  "steps_per_execution"):
       if getattr(self, name) is not None:
@@ -173,10 +182,12 @@ def _positive(name: str, value) -> None:
 # --mode=eval/export read a run: these settings may differ from the run's (where and how
 # to evaluate or export); those in RUN_DEFINING must equal the run's, since they decide
 # its network and checkpoint; every other setting (the recipe, ...) is the run's own.
+# Where an evaluation runs is the evaluating command's, never the run's: a run trained on 2
+# workers or 8 GPUs, or in mixed_bfloat16, evaluates on one CPU in float32 by default.
+HARDWARE_FIELDS = ("strategy", "num_gpus", "tpu", "all_reduce", "peer_timeout_seconds",
+                   "cpu_devices", "precision", "jit_compile", "steps_per_execution")
 EVAL_OVERRIDES = ("mode", "model_dir", "checkpoint", "export_dir", "eval_flip", "eval_steps",
-                  "data_source", "data_dir", "global_batch_size", "strategy", "num_gpus",
-                  "tpu", "all_reduce", "peer_timeout_seconds", "cpu_devices", "precision",
-                  "jit_compile", "steps_per_execution")
+                  "data_source", "data_dir", "global_batch_size", *HARDWARE_FIELDS)
 RUN_DEFINING = ("depth", "plain", "stem", "shortcut", "stage_sizes", "stage_widths",
                 "ema_decay")
 
@@ -210,11 +221,13 @@ def training_values(flag_values: dict[str, tuple[object, bool]], recipe: dict) -
 
 def for_existing_run(saved: dict, given: dict, source: str) -> tuple[Config, list[str]]:
   """The Config of an evaluation or export of a run: the run's settings (its config.json,
-  `saved`), with the flags given explicitly where they may differ.
+  `saved`), with the flags given explicitly where they may differ, and this command's
+  hardware settings.
 
   Args:
     saved: the run's config.json.
-    given: the flags given explicitly, as Config field values (mode and model_dir too).
+    given: the flags given explicitly, as Config field values, and mode, model_dir and
+      the HARDWARE_FIELDS whether given or not (their defaults).
     source: the path of config.json, for messages.
   Returns:
     the config, and the given flags that were ignored (training settings).
@@ -224,6 +237,9 @@ def for_existing_run(saved: dict, given: dict, source: str) -> tuple[Config, lis
   names = {field.name for field in dataclasses.fields(Config)}
   values = {name: tuple(v) if isinstance(v, list) else v
             for name, v in saved.items() if name in names}
+  # The run's cap on its per-epoch evaluations is no cap on this one: an evaluation
+  # covers the whole test split unless its own command caps it.
+  values["eval_steps"] = None
   contradicting = [f"--{name}={flag_text(given[name])} (the run in {source} has "
                    f"--{name}={flag_text(values.get(name))})"
                    for name in RUN_DEFINING if name in given and given[name] != values.get(name)]

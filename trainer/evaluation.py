@@ -18,7 +18,8 @@ class Evaluator:
   (logits averaged with those of the mirrored images); with an EMA also "ema_..." and
   "ema_flip_...", so users see what each gives. After `evaluate()`, `confusion` holds the
   confusion matrix (int64 [true, predicted]) of the model whose "accuracy" it reported:
-  the plain evaluation, without flip or EMA.
+  the plain evaluation, without flip or EMA, and `examples` the number of examples it
+  evaluated (every result of one evaluation covers the same examples).
   """
 
   def __init__(self, strategy: tf.distribute.Strategy, state: State, split: sources.Split,
@@ -31,6 +32,7 @@ class Evaluator:
         self.sums["flip_"] = metrics.Sums()
       self.counts = metrics.Confusion(len(split.class_names))
     self.confusion: np.ndarray | None = None
+    self.examples: int | None = None
     self.dataset = strategy.distribute_datasets_from_function(
         lambda context: pipeline.eval_pipeline(
             split.as_dataset(), per_replica_batch_size=per_replica_batch_size,
@@ -54,20 +56,23 @@ class Evaluator:
     for _ in tf.range(num_steps):
       self.strategy.run(self._replica_step, args=next(iterator))
 
-  def _run(self, prefix: str) -> dict[str, float]:
+  def _run(self, prefix: str, steps: int) -> dict[str, float]:
     for accumulator in (*self.sums.values(), self.counts):
       accumulator.reset()
-    self._loop(iter(self.dataset), tf.constant(self.steps))
+    self._loop(iter(self.dataset), tf.constant(steps))
     return {f"{prefix}{kind}{key}": value
             for kind, sums in self.sums.items() for key, value in sums.result().items()}
 
-  def evaluate(self) -> dict[str, float]:
-    """One evaluation (see the class); also sets `confusion`."""
-    results = self._run("")
+  def evaluate(self, steps: int | None = None) -> dict[str, float]:
+    """One evaluation (see the class) of `steps` steps (default: the evaluator's); also
+    sets `confusion` and `examples`."""
+    steps = self.steps if steps is None else steps
+    results = self._run("", steps)
     self.confusion = self.counts.result()
+    self.examples = round(self.sums[""].examples())
     if self.state.ema:
       with ema_weights(self.state):
-        results.update(self._run("ema_"))
+        results.update(self._run("ema_", steps))
     return results
 
 
@@ -81,10 +86,12 @@ def make_evaluator(strategy: tf.distribute.Strategy, state: State, split: source
 
 
 def evaluate_checkpoint(config: Config, strategy: tf.distribute.Strategy) -> dict:
-  """--mode=eval: evaluates the checkpoint `config.checkpoint` names on the test split.
+  """--mode=eval: evaluates the checkpoint `config.checkpoint` names on the test split:
+  all of it, unless `config.eval_steps` caps it.
 
   Returns:
-    the metrics (what trainer/main.py prints, then writes to <model_dir>/eval.json).
+    the metrics (what trainer/main.py prints, then writes to <model_dir>/eval.json), with
+    `examples` (evaluated) and `split_examples` (the test split's).
   Raises:
     errors.RunDirError: when there is no such checkpoint, or it does not fit the model.
     errors.DistributionError: for a precision policy this CPU cannot run.
@@ -101,12 +108,11 @@ def evaluate_checkpoint(config: Config, strategy: tf.distribute.Strategy) -> dic
   distribute.check_precision_runs(precision, strategy)
   state = build_state(config, strategy, len(splits.class_names), plan, precision)
   path = _restore(state, config, path)
-  results = make_evaluator(strategy, state, splits.test, plan, config,
-                           plan.eval_steps).evaluate()
+  evaluator = make_evaluator(strategy, state, splits.test, plan, config, plan.eval_steps)
+  results = evaluator.evaluate()
   return {"checkpoint": path, "step": int(state.step.numpy()), "model": state.model.name,
           **{f"test_{k}": v for k, v in results.items()},
-          "examples": min(splits.test.num_examples,
-                          plan.eval_steps * config.global_batch_size)}
+          "examples": evaluator.examples, "split_examples": splits.test.num_examples}
 
 
 def _restore(state: State, config: Config, path: str, attempts: int = 5) -> str:

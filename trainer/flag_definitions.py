@@ -72,8 +72,10 @@ DEFINITIONS: dict[str, _Flag] = {
     "data_dir": _Flag(flags.DEFINE_string, None, "The TFDS data dir (tfds) or the image "
                       "folder (folder)."),
     "deterministic": _Flag(flags.DEFINE_boolean, False, "Data order and augmentation from "
-                           "--seed (the same on every run and after a resume), and "
-                           "deterministic TensorFlow ops."),
+                           "--seed (the same on every run), and deterministic TensorFlow "
+                           "ops: a killed and resumed run ends with bit-identical weights. "
+                           "Either way a resumed run trains on the batches of the "
+                           "uninterrupted run."),
     # Recipe and schedule.
     "recipe": _enum("fast", config_lib.RECIPE_NAMES,
                     "fast: warm-up + cosine, Nesterov, label smoothing 0.1, 30 epochs; "
@@ -85,7 +87,9 @@ DEFINITIONS: dict[str, _Flag] = {
                        "iterations of 128 images, blog 20).", lower_bound=1),
     "steps_per_epoch": _integer(None, "Cap on steps per epoch (smoke runs); default: the "
                                 "whole training set.", lower_bound=1),
-    "eval_steps": _integer(None, "Cap on evaluation steps; default: the whole test split.",
+    "eval_steps": _integer(None, "Cap on the per-epoch evaluation steps while training "
+                           "(--mode=eval: on its evaluation); default: the whole split. The "
+                           "final test metrics always cover the whole test split.",
                            lower_bound=1),
     "global_batch_size": _integer(128, "Examples per step over all replicas.",
                                   lower_bound=1),
@@ -143,8 +147,9 @@ DEFINITIONS: dict[str, _Flag] = {
                                      lower_bound=1),
     "sync_batch_norm": _Flag(flags.DEFINE_boolean, False, "Batch-norm statistics over all "
                              "replicas (for small per-replica batches)."),
-    "cpu_devices": _integer(1, "Split the CPU into this many logical devices, to try "
-                            "--strategy=mirrored without GPUs.", lower_bound=1),
+    "cpu_devices": _integer(1, "Split the CPU into this many logical devices (at most "
+                            f"{config_lib.MAX_CPU_DEVICES}), to try --strategy=mirrored "
+                            "without GPUs.", lower_bound=1),
     "precision": _enum("auto", config_lib.PRECISIONS,
                        "auto: mixed_bfloat16 on GPUs of compute capability 8+, "
                        "mixed_float16 on 7.x; on CPU float32, or mixed_bfloat16 where a "

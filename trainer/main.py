@@ -16,6 +16,9 @@ from trainer import config as config_lib
 from trainer import cli, errors, flag_definitions, run_files, stop
 
 FLAGS = flags.FLAGS
+# For tests, not users: set to 1, a training run records each step's global batch (example
+# ids) in <model_dir>/batches.jsonl, to check what it trained on across stops and resumes.
+RECORD_BATCHES_VARIABLE = "RESNET_CIFAR_RECORD_BATCHES"
 
 # Every flag, defined once in trainer/flag_definitions.py (some scripts share them).
 flag_definitions.define()
@@ -38,7 +41,7 @@ def config_from_flags(notes: list[str] | None = None) -> config_lib.Config:
                  for field in config_lib.Config.__dataclass_fields__}
   values = config_lib.training_values(flag_values, recipes.RECIPES[FLAGS.recipe])
   given = {field: values[field] for field, (_, present) in flag_values.items()
-           if present or field in ("mode", "model_dir")}
+           if present or field in ("mode", "model_dir", *config_lib.HARDWARE_FIELDS)}
   saved_path = os.path.join(FLAGS.model_dir, run_files.CONFIG_FILE)
   if FLAGS.mode == "train":
     return config_lib.Config(**values)
@@ -115,24 +118,34 @@ def _evaluate(config: config_lib.Config, strategy) -> str:
                    and key != "test_accuracy" and isinstance(value, float))
   print(f"eval: {result['model']} {result['checkpoint']} (step {result['step']}): "
         f"test accuracy {result['test_accuracy']:.4f}, loss {result['test_loss']:.4f}"
-        f"{extras} on {result['examples']} images", flush=True)
+        f"{extras} on {_examples(result['examples'], result['split_examples'])}", flush=True)
   if not distribute.is_chief(strategy):
     return "the chief writes eval.json"
   run_dir.write_eval(config.model_dir, result)
   return f"written to {os.path.join(config.model_dir, run_files.EVAL_FILE)}"
 
 
+def _examples(examples: int, split_examples: int) -> str:
+  if examples == split_examples:
+    return f"all {examples} test images"
+  return f"{examples} of the {split_examples} test images (capped by --eval_steps)"
+
+
 def _train(config: config_lib.Config, strategy, handler: stop.SignalHandler) -> str:
   from trainer import distribute, train
   # Under multi_worker the signal goes on to TensorFlow's preemption handler, and every
   # worker saves at one agreed step (stop.ClusterStop).
-  metrics = train.train_and_evaluate(config, strategy, handler.listen())
+  metrics = train.train_and_evaluate(
+      config, strategy, handler.listen(),
+      record_batches=os.environ.get(RECORD_BATCHES_VARIABLE, "") not in ("", "0"))
   where = (f"metrics in {os.path.join(config.model_dir, run_files.METRICS_FILE)}"
            if distribute.is_chief(strategy) else "the chief wrote the metrics")
   # No speed when no step was timed (all of them in the first, traced, call).
   speed = (f", {metrics['images_per_second']:.1f} training images/s"
            if metrics["images_per_second"] else "")
-  return (f"done: {metrics['model']} test accuracy {metrics['test_accuracy']:.4f} after "
+  # The final test metrics cover the whole test split, whatever --eval_steps capped.
+  return (f"done: {metrics['model']} test accuracy {metrics['test_accuracy']:.4f} on all "
+          f"{metrics['test_examples']} test images after "
           f"{metrics['epochs']} epochs ({metrics['steps']} steps) in "
           f"{metrics['wall_seconds']:.0f} s{speed}; {where}")
 

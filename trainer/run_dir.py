@@ -31,10 +31,11 @@ INCOMPATIBLE_FIELDS = ("depth", "plain", "stem", "shortcut", "stage_sizes", "sta
                        "warmup_epochs")
 
 # What --overwrite removes: only what a run writes, never other files of the user's.
+# train.log stays: it records the --overwrite too.
 RUN_OUTPUTS = (run_files.CHECKPOINT_SUBDIR, run_files.BEST_SUBDIR, run_files.TRAIN_EVENTS,
                run_files.TEST_EVENTS, run_files.VALIDATION_EVENTS, run_files.EXPORT_SUBDIR,
                run_files.CONFIG_FILE, run_files.HISTORY_FILE, run_files.METRICS_FILE,
-               run_files.EVAL_FILE)  # train.log stays: it records the --overwrite too
+               run_files.EVAL_FILE, run_files.BATCHES_FILE)
 # Room for event files and the JSON files beside the checkpoints.
 SPARE_BYTES = 64 << 20
 
@@ -140,6 +141,14 @@ def read_history(model_dir: str) -> list[dict]:
 
 def write_history(model_dir: str, history: list[dict]) -> None:
   write_json_atomically(os.path.join(model_dir, run_files.HISTORY_FILE), {"history": history})
+
+
+def append_batches(model_dir: str, batches: dict[int, list[int]]) -> None:
+  """Appends {"step": k, "ids": [...]} lines to batches.jsonl (train_and_evaluate's
+  record_batches). A resumed run appends the steps it trains again: a step's last line is
+  what its weights were trained on."""
+  with open(os.path.join(model_dir, run_files.BATCHES_FILE), "a") as f:
+    f.writelines(json.dumps({"step": step, "ids": ids}) + "\n" for step, ids in batches.items())
 
 
 def write_config(model_dir: str, settings: dict) -> None:

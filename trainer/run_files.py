@@ -13,6 +13,7 @@ METRICS_FILE = "metrics.json"   # the final metrics, written when the run finish
 EVAL_FILE = "eval.json"         # --mode=eval's result
 LOCK_FILE = "run.lock"          # held by the trainer that owns the directory
 LOG_FILE = "train.log"          # every log line of every command run on the directory
+BATCHES_FILE = "batches.jsonl"  # each step's example ids, only when a test asks for them
 CHECKPOINT_SUBDIR = "checkpoints"
 BEST_SUBDIR = "best"
 EXPORT_SUBDIR = "export"

@@ -15,7 +15,9 @@ class TrainSteps:
 
   Build it in no particular scope: it opens the strategy's scope for its accumulators.
   `run(iterator, first_step, num_steps)` trains num_steps steps, numbered from
-  first_step + 1, in one call into TensorFlow.
+  first_step + 1, in one call into TensorFlow. With `record_steps` (at least the steps of
+  any call), batches carry their example ids (pipeline.train_pipeline's `with_ids`) and
+  `recorded_ids` returns, after a call, which examples each of its global batches held.
 
   Every replica computes what one device would: the gradients are summed over the global
   batch once, before anything looks at them, so clipping, the loss-scale decision, the
@@ -24,8 +26,9 @@ class TrainSteps:
   """
 
   def __init__(self, config: Config, strategy: tf.distribute.Strategy, state: State,
-               num_classes: int, jit_compile: bool):
+               num_classes: int, jit_compile: bool, record_steps: int = 0):
     self.config, self.strategy, self.state = config, strategy, state
+    self.record_steps = record_steps
     self.num_classes = num_classes
     self.decayed = decayed_variables(state.model)
     self.averaged = averaged_variables(state.model)
@@ -38,6 +41,11 @@ class TrainSteps:
       self.grad_norms = {
           name: metrics.on_read_variable(aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
           for name in self.stage_groups}
+      if record_steps:
+        # Row (step - 1) % record_steps holds this replica's ids of that step.
+        self.recorded = metrics.on_read_variable(
+            tf.int32, tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            (record_steps, config.global_batch_size // strategy.num_replicas_in_sync))
     # XLA per replica: compiling the function around strategy.run (what Keras does with
     # jit_compile=True) fails under MirroredStrategy (see BENCHMARKS.md, GPU notes).
     self._gradients = (tf.function(self._compute_gradients, jit_compile=True)
@@ -66,7 +74,7 @@ class TrainSteps:
     return (tape.gradient(scaled_loss, model.trainable_variables), objective,
             cross_entropy, logits, loss)
 
-  def _replica_step(self, step, images, labels):
+  def _replica_step(self, step, images, labels, ids=None):
     optimizer, model = self.state.optimizer, self.state.model
     grads, objective, cross_entropy, logits, loss = self._gradients(images, labels)
     # The one all-reduce of the step: gradients and objective summed over the global
@@ -86,6 +94,10 @@ class TrainSteps:
       bad = tf.logical_and(tf.equal(self.first_bad_step, 0),
                            tf.logical_not(tf.math.is_finite(global_loss)))
       self.first_bad_step.assign(tf.where(bad, step, self.first_bad_step))
+    if ids is not None:
+      row = tf.cast((step - 1) % self.record_steps, tf.int32)
+      # (ON_READ variables take no scatter_update.)
+      self.recorded.assign(tf.tensor_scatter_nd_update(self.recorded, [[row]], [ids]))
 
   def _update_average(self):
     """The moving average, on each replica from its own copies: the weights are the same
@@ -99,6 +111,19 @@ class TrainSteps:
   def _train_loop(self, iterator, first_step, num_steps):
     for i in tf.range(num_steps):
       self.strategy.run(self._replica_step, args=(first_step + i + 1, *next(iterator)))
+
+  def recorded_ids(self, first_step: int, last_step: int) -> dict[int, list[int]]:
+    """The global batch of each step first_step + 1 .. last_step of the last call, as
+    example ids in the plan's order (replica 0's share first); on every worker."""
+    rows = self._gather_recorded().numpy().reshape(
+        self.strategy.num_replicas_in_sync, self.record_steps, -1)
+    return {step: rows[:, (step - 1) % self.record_steps].ravel().tolist()
+            for step in range(first_step + 1, last_step + 1)}
+
+  @tf.function
+  def _gather_recorded(self):
+    local = self.strategy.run(lambda: tf.identity(self.recorded))
+    return self.strategy.gather(local, axis=0)
 
   def first_non_finite_step(self) -> int:
     """The first step whose loss was NaN or Inf (0: none so far)."""

@@ -13,8 +13,9 @@ Where each goes (see run_files for the directory names):
                       epoch_objective (the epoch's training means);
   <model_dir>/test/   (or validation/) epoch_loss, epoch_accuracy, epoch_<key> for every
                       other evaluation key (epoch_flip_accuracy, epoch_ema_loss, ...) and
-                      the confusion_matrix image, at every epoch end; final_test_* after a
-                      validation protocol.
+                      the confusion_matrix image, at every epoch end; final_test_* (and
+                      final_test_confusion_matrix) at the end: the test split's metrics
+                      over all of it, whatever --eval_steps capped.
 """
 
 import contextlib
@@ -36,6 +37,8 @@ from trainer.stop import Stopped
 _STAGE = re.compile(r"^(stem|stage\d+|head)_")
 # The session dir's scalar: metrics.json's best_test_accuracy, an HParams metric.
 BEST_TEST_ACCURACY_TAG = "best_test_accuracy"
+# The run's result: the final model's accuracy over the whole test split (metrics.json's).
+FINAL_TEST_ACCURACY_TAG = "final_test_accuracy"
 
 # Numeric hyper-parameters are declared over every value the trainer accepts: the interval
 # gives them their numeric type (a numeric axis in the parallel-coordinates view), and
@@ -119,11 +122,14 @@ def hparam_values(settings: dict) -> dict[str, bool | int | float | str]:
 
 
 def hparams_metrics(eval_name: str) -> list[hp.Metric]:
-  """The HParams metrics: the evaluation curves (`eval_name`: test or validation, the only
-  part of the experiment config that differs between runs), the best test accuracy (in
-  the session's own dir) and the last epoch's training loss."""
+  """The HParams metrics: the final test accuracy (over the whole test split), the
+  evaluation curves (`eval_name`: test or validation, the only part of the experiment
+  config that differs between runs), the best test accuracy (in the session's own dir)
+  and the last epoch's training loss."""
   validation, training = hp.Metric.VALIDATION, hp.Metric.TRAINING
   return [
+      hp.Metric(FINAL_TEST_ACCURACY_TAG, group=eval_name,
+                display_name="final test accuracy", dataset_type=validation),
       hp.Metric(run_files.EPOCH_ACCURACY_TAG, group=eval_name,
                 display_name=f"{eval_name} accuracy", dataset_type=validation),
       hp.Metric(run_files.EPOCH_LOSS_TAG, group=eval_name, display_name=f"{eval_name} loss",
@@ -266,7 +272,7 @@ class Summaries:
 
   def final_test(self, step: int, results: dict[str, float],
                  confusion: np.ndarray | None = None) -> None:
-    """The test split's metrics after a validation protocol (or a resumed finished run)."""
+    """The test split's metrics at the end, over all of it (metrics.json's)."""
     with self.eval.as_default(step=step):
       for key, value in results.items():
         tf.summary.scalar(f"final_test_{key}", value)

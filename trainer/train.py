@@ -48,7 +48,8 @@ class Outcome:
 
 
 def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
-                       stop_request: StopRequest | None = None) -> dict:
+                       stop_request: StopRequest | None = None,
+                       record_batches: bool = False) -> dict:
   """Trains and evaluates the configured ResNet under `strategy`, resuming if possible.
 
   Args:
@@ -56,6 +57,9 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
     strategy: where to run; the model and optimizer are built in its scope.
     stop_request: when given, the training loop listens to it: once requested, it saves a
       checkpoint at the next step boundary and raises Stopped.
+    record_batches: append each step's global batch, as example ids (which example,
+      which crop and flip: pipeline.example_ids), to <model_dir>/batches.jsonl, so that
+      tests can check what a run trained on, across stops and resumes.
   Returns:
     the final metrics (also written to <model_dir>/metrics.json).
   Raises:
@@ -64,23 +68,24 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
     TrainingError: when the loss becomes NaN or Inf.
     Stopped: after a stop_request, once the checkpoint is saved.
   """
-  return run_training(config, strategy, stop_request).metrics
+  return run_training(config, strategy, stop_request, record_batches).metrics
 
 
 def run_training(config: Config, strategy: tf.distribute.Strategy,
-                 stop_request: StopRequest | None = None) -> Outcome:
+                 stop_request: StopRequest | None = None,
+                 record_batches: bool = False) -> Outcome:
   """train_and_evaluate, also returning the trained state (for tests and notebooks)."""
   if distribute.is_chief(strategy):
-    return _train(config, strategy, config.model_dir, True, stop_request)
+    return _train(config, strategy, config.model_dir, True, stop_request, record_batches)
   # Workers other than the chief write to a scratch dir of their own, removed however the
   # run ends: a failed worker's checkpoints would otherwise pile up in the temp dir.
   with tempfile.TemporaryDirectory(prefix="resnet-cifar-worker-",
                                    ignore_cleanup_errors=True) as scratch:
-    return _train(config, strategy, scratch, False, stop_request)
+    return _train(config, strategy, scratch, False, stop_request, record_batches)
 
 
 def _train(config: Config, strategy: tf.distribute.Strategy, out_dir: str, chief: bool,
-           stop_request: StopRequest | None) -> Outcome:
+           stop_request: StopRequest | None, record_batches: bool) -> Outcome:
   """The run, writing to `out_dir` (the model dir on the chief)."""
   wall_start = time.time()
   # The chief owns the model dir for the run's life; other workers write a scratch dir.
@@ -117,7 +122,8 @@ def _train(config: Config, strategy: tf.distribute.Strategy, out_dir: str, chief
                  "" if config.deterministic else " (drawn for this run)"
                  if recorded_seed is None else " (drawn when this run started)")
     loop = Loop(config, strategy, state, splits, plan, hardware, checkpoints,
-                RunPlace(out_dir, chief, start_step, wall_start, data_seed), stop_request)
+                RunPlace(out_dir, chief, start_step, wall_start, data_seed), stop_request,
+                record_batches)
     # One HParams session: its end records whether the run succeeded or failed.
     with loop.summaries.session(settings, start_step):
       loop.run()
@@ -141,9 +147,12 @@ def resolve_hardware(config: Config, strategy: tf.distribute.Strategy,
   Raises:
     ConfigError: for --deterministic with XLA on the imagenet stem (also when "auto"
       chose XLA, as on a GPU).
-    DistributionError: for a precision policy this CPU cannot run.
+    DistributionError: for a precision policy this CPU cannot run, and for XLA with
+      --sync_batch_norm on several CPU replicas.
   """
   jit_compile = distribute.resolve_jit_compile(config.jit_compile, strategy)
+  # Before --precision=auto's probe: a refused run should not wait for a measurement.
+  distribute.check_jit_compile_runs(jit_compile, config.sync_batch_norm, strategy)
   cpu_run = None if plan is None else distribute.CpuRun(
       network=config.architecture().name, total_steps=plan.total_steps,
       deterministic=config.deterministic, recorded=recorded_precision,
@@ -271,12 +280,13 @@ class Loop:
   def __init__(self, config: Config, strategy: tf.distribute.Strategy, state: State,
                splits: data.Splits, plan: schedule.Plan, hardware: Hardware,
                checkpoints: run_dir.Checkpoints, place: RunPlace,
-               stop_request: StopRequest | None):
+               stop_request: StopRequest | None, record_batches: bool = False):
     self.config, self.strategy, self.state, self.plan = config, strategy, state, plan
     self.splits, self.hardware, self.checkpoints = splits, hardware, checkpoints
     self.place, self.stop_request = place, stop_request
-    self.steps = steps.TrainSteps(config, strategy, state, len(splits.class_names),
-                                  hardware.jit_compile)
+    self.steps = steps.TrainSteps(
+        config, strategy, state, len(splits.class_names), hardware.jit_compile,
+        record_steps=hardware.steps_per_execution if record_batches else 0)
     self.iterator = iter(strategy.distribute_datasets_from_function(self._train_dataset))
     # Keras 3 batch norm updates each replica's moving statistics on its own batch only;
     # averaging the copies (and their moving averages) before every evaluation and save
@@ -304,12 +314,14 @@ class Loop:
     self.first_call = True
     self.profiling_from: int | None = None  # the step the running profiler trace began at
     self.epoch_means = metrics.EpochMeans()
+    # (step, results) of this process's last per-epoch evaluation.
+    self.evaluated: tuple[int, dict] = (-1, {})
 
   def _train_dataset(self, input_context: tf.distribute.InputContext) -> tf.data.Dataset:
     return pipeline.train_pipeline(
         self.splits.train.as_dataset(), per_replica_batch_size=self.plan.per_replica_batch_size,
         seed=self.place.data_seed, start_step=self.place.start_step,
-        input_context=input_context)
+        input_context=input_context, with_ids=self.steps.record_steps > 0)
 
   def run(self) -> None:
     """Trains from the restored step to the plan's last step."""
@@ -372,6 +384,10 @@ class Loop:
     else:
       self.state.timed_images.assign_add((until - self.step) * self.config.global_batch_size)
       self.state.timed_seconds.assign_add(time.time() - call_start)
+    if self.steps.record_steps:
+      batches = self.steps.recorded_ids(self.step, until)
+      if self.place.chief:
+        run_dir.append_batches(self.place.out_dir, batches)
     self.step = until
     if self.profiling_from is not None and self.step == profile[1]:
       tf.profiler.experimental.stop()
@@ -407,22 +423,29 @@ class Loop:
     """Evaluates, records the epoch (history.json, TensorBoard), saves, keeps the best."""
     name, step = self.splits.evaluation_name, self.step
     epoch = step / self.plan.steps_per_epoch
-    logging.info("evaluating on %d %s batches", self.plan.eval_steps, name)
+    split_size = self.splits.evaluation.num_examples
+    planned = min(self.plan.eval_steps * self.plan.global_batch_size, split_size)
+    logging.info("evaluating on %d %s images%s", planned, name,
+                 "" if planned == split_size else f" of {split_size} (--eval_steps)")
     self.sync_replicas()
     results = self.evaluator.evaluate()
-    confusion = self.evaluator.confusion
+    confusion, examples = self.evaluator.confusion, self.evaluator.examples
+    self.evaluated = (step, results)
     train_means = self.epoch_means.result()
     self.epoch_means = metrics.EpochMeans()
     record = {"epoch": round(epoch, 4), "step": step,
               **{f"train_{k}": v for k, v in train_means.items()},
               **{f"{name}_{k}": v for k, v in results.items()},
+              f"{name}_examples": examples,
               f"{name}_per_class_accuracy": metrics.per_class_accuracy(
                   confusion, self.splits.class_names)}
     self.history.append(record)
     self.summaries.epoch(step, train_means, results, confusion)
-    logging.info("epoch %.2f train loss %.4f accuracy %.4f, %s %s", epoch,
+    logging.info("epoch %.2f train loss %.4f accuracy %.4f, %s %s (%s)", epoch,
                  record["train_loss"], record["train_accuracy"], name,
-                 " ".join(f"{k} {v:.4f}" for k, v in results.items()))
+                 " ".join(f"{k} {v:.4f}" for k, v in results.items()),
+                 f"all {examples} images" if examples == split_size else
+                 f"{examples} of {split_size} images: --eval_steps")
     if self.place.chief:
       run_dir.write_history(self.place.out_dir, self.history)
     self._save()
@@ -501,26 +524,27 @@ class Loop:
     raise Stopped(signum, self.step, self.checkpoints.latest if self.place.chief else saved)
 
   def final_test(self) -> dict:
-    """The test split's metrics at the end: the last epoch's, when it evaluated the whole
-    test split at this step; else evaluated now (after a validation protocol, or for a
-    resumed finished run). With per_class_accuracy and confusion_matrix."""
-    last = self.history[-1] if self.history else None
-    if self.splits.evaluation_name == run_files.TEST_EVENTS and last and last["step"] == self.step:
-      final = {k[len("test_"):]: v for k, v in last.items() if k.startswith("test_")}
-      # A rerun of a finished run has not evaluated yet: only its matrix is missing.
-      if self.evaluator.confusion is None:
+    """The test split's metrics at the end, always over all of it: the last epoch's
+    evaluation when it covered the whole test split at this step; else evaluated now
+    (after a validation protocol or under an --eval_steps cap, or for a rerun of a
+    finished run). With examples, per_class_accuracy and confusion_matrix."""
+    evaluator = self.evaluator
+    if self.splits.evaluation_name == run_files.TEST_EVENTS:
+      if self.evaluated[0] == self.step and evaluator.examples == self.splits.test.num_examples:
+        final = dict(self.evaluated[1])
+      else:  # The epoch evaluator, uncapped (no second trace of its loop).
         self.sync_replicas()
-        self.evaluator.evaluate()
-      confusion = self.evaluator.confusion
+        final = evaluator.evaluate(self.plan.test_steps)
     else:
       self.sync_replicas()
       evaluator = evaluation.make_evaluator(self.strategy, self.state, self.splits.test,
                                             self.plan, self.config, self.plan.test_steps)
-      final, confusion = evaluator.evaluate(), evaluator.confusion
-      self.summaries.final_test(self.step, final, confusion)
-    # Also for a history written before per-class results were recorded.
-    final.setdefault("per_class_accuracy",
-                     metrics.per_class_accuracy(confusion, self.splits.class_names))
+      final = evaluator.evaluate()
+    confusion = evaluator.confusion
+    self.summaries.final_test(self.step, final, confusion)
+    final["examples"] = evaluator.examples
+    final["per_class_accuracy"] = metrics.per_class_accuracy(confusion,
+                                                             self.splits.class_names)
     final["confusion_matrix"] = confusion.tolist()
     self.summaries.flush()
     return final

@@ -7,7 +7,8 @@ from trainer.distribute.cluster import (DEFAULT_PORT_BASE, PORT_BASE_VARIABLE, C
 from trainer.distribute.multi_worker import joined_cluster
 from trainer.distribute.precision import (ACCELERATOR_STEPS_PER_EXECUTION,
                                           BFLOAT16_MIN_SPEEDUP, PROBE_MIN_STEPS, CpuRun,
-                                          check_precision_runs, choose_cpu_precision,
+                                          check_jit_compile_runs, check_precision_runs,
+                                          choose_cpu_precision,
                                           half_precision_runs, resolve_jit_compile,
                                           resolve_precision, resolve_steps_per_execution)
 from trainer.distribute.replicas import make_replica_sync

@@ -216,6 +216,30 @@ def resolve_jit_compile(jit_compile: str, strategy: tf.distribute.Strategy) -> b
   return _device_type(strategy) in ("GPU", "TPU")
 
 
+def check_jit_compile_runs(jit_compile: bool, sync_batch_norm: bool,
+                           strategy: tf.distribute.Strategy) -> None:
+  """Refuses XLA with --sync_batch_norm on several CPU replicas or workers.
+
+  The synchronised batch norm all-reduces inside the step XLA compiles. TensorFlow
+  compiles such an all-reduce only where every device is a GPU (NCCL; MirroredStrategy
+  then skips its merge_call) or a TPU; on CPUs the step fails at its first call ("merge_call
+  called while defining a new graph"; with merge_call skipped by hand, "Collectives are
+  not yet implemented for CPU devices when compiling with XLA").
+
+  Raises:
+    DistributionError: for that combination, naming what to pass instead.
+  """
+  replicas = strategy.num_replicas_in_sync
+  if not (jit_compile and sync_batch_norm and replicas > 1) or _device_type(strategy) != "CPU":
+    return
+  raise DistributionError(
+      f"--sync_batch_norm cannot be combined with XLA (--jit_compile=true) on {replicas} CPU "
+      "replicas: the synchronised batch norm all-reduces inside the compiled step, and "
+      "TensorFlow's XLA compiles cross-replica all-reduces only on GPUs and TPUs; pass "
+      "--jit_compile=false (on CPUs XLA is slower than oneDNN anyway) or "
+      "--nosync_batch_norm")
+
+
 # Steps per call into TensorFlow on accelerators: a ResNet-20 step takes a few ms on a
 # modern GPU, comparable to the host's per-call overhead, so one call runs many steps.
 # Calls still end at every log, checkpoint and epoch boundary.
