@@ -193,7 +193,7 @@ def finish(runs: list[Run], timeout: float) -> None:
       if time.time() > deadline:
         late = [run.name for run in runs if not run.poll()]
         pytest.fail(f"{', '.join(late)} did not finish within {timeout} s")
-      time.sleep(0.2)
+      time.sleep(0.05)
   finally:
     for run in runs:
       run.kill()
