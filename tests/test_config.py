@@ -105,3 +105,59 @@ def test_unsupported_depth_is_a_config_error_listing_the_supported_depths():
   with pytest.raises(config_lib.ConfigError,
                      match=re.escape(architecture_lib.supported_depths_message())):
     config_lib.Config(depth=21)
+
+
+# Each setting declared once: what is derived from the declaration.
+
+def test_a_recipe_sets_exactly_the_settings_declared_as_set_by_a_recipe():
+  from trainer import recipes
+  declared = set(config_lib.fields_where(recipe=True))
+  for name, values in recipes.RECIPES.items():
+    assert set(values) == declared, name
+  defaults = config_lib.Config()
+  assert {name: getattr(defaults, name) for name in declared} == \
+      recipes.RECIPES[config_lib.DEFAULT_RECIPE]
+
+
+def test_the_help_of_a_recipe_setting_gives_each_recipes_value_read_from_the_recipes(
+    monkeypatch):
+  from trainer import flag_definitions, recipes
+  assert flag_definitions.flag_help("learning_rate").endswith(
+      "Default: from --recipe (fast 0.1, he2016 0.1, blog 0.01).")
+  assert "he2016 the paper's 64k iterations" in flag_definitions.flag_help("epochs")
+  monkeypatch.setitem(recipes.RECIPES, "fast", {**recipes.RECIPES["fast"], "momentum": 0.8})
+  assert "(fast 0.8, he2016 0.9, blog 0)" in flag_definitions.flag_help("momentum")
+
+
+def _outside(name: str, declared: config_lib.Setting):
+  """A value just outside the declared bounds (None: unbounded)."""
+  if declared.below is not None:
+    return declared.below
+  if declared.above is not None:
+    return declared.above
+  if declared.minimum is not None:
+    return type(getattr(config_lib.Config(), name) or 1)(declared.minimum - 1)
+  return None
+
+
+@pytest.mark.parametrize("name", list(config_lib.SETTINGS))
+def test_each_setting_refuses_what_its_declaration_does_not_allow(name: str):
+  declared = config_lib.SETTINGS[name]
+  if declared.choices is not None:
+    with pytest.raises(config_lib.ConfigError, match=re.escape(f"--{name}='other' is not")):
+      config_lib.Config(**{name: "other"})
+  value = _outside(name, declared)
+  if value is None:
+    return
+  with pytest.raises(config_lib.ConfigError, match=re.escape(f"--{name} must be ")):
+    config_lib.Config(**{name: value})
+
+
+def test_the_settings_roles_are_the_ones_resume_and_evaluation_use():
+  # What a checkpoint cannot survive, and what decides the network an evaluation builds.
+  architecture = ("depth", "plain", "stem", "shortcut", "stage_sizes", "stage_widths")
+  assert set(architecture) < set(config_lib.RESUME_FIXED)
+  assert set(config_lib.RUN_DEFINING) == {*architecture, "ema_decay"}
+  # Where and how a command runs is its own; it never comes from the run.
+  assert {"strategy", "precision", "jit_compile", "cpu_devices", "eval_steps"} <= set(
+      config_lib.EVAL_COMMAND)

@@ -11,7 +11,8 @@ import tensorflow as tf
 from conftest import (TINY_FLAGS, checkpoint_weights, mirrored_on_two_cpus, run_main,
                       skip_unless_cpu_runs)
 from trainer import config as config_lib
-from trainer import distribute, precision_probe, run_dir, state as state_lib, train
+from trainer import (distribute, precision_probe, run_dir, schedule, state as state_lib,
+                     train)
 from trainer.distribute import precision as precision_lib
 
 TINY = dict(depth=8, data_source="synthetic", global_batch_size=16, steps_per_epoch=2,
@@ -57,11 +58,12 @@ def test_cpu_auto_is_bfloat16_only_where_it_measures_clearly_faster_on_a_long_ru
 
 def test_the_probe_times_both_precisions_and_leaves_the_global_policy_as_it_was():
   skip_unless_cpu_runs("mixed_bfloat16")
-  config = config_lib.Config(depth=8, data_source="synthetic")
+  config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=8)
+  strategy = mirrored_on_two_cpus()
+  plan = schedule.make_plan(config, replicas=2, num_train=80, num_eval=16)
   before = keras.mixed_precision.global_policy().name
   float32, bfloat16 = precision_probe.seconds_per_step(
-      config, mirrored_on_two_cpus(), per_replica_batch_size=4, num_classes=10,
-      jit_compile=False)
+      config, strategy, plan, num_classes=10, jit_compile=False)
   assert float32 > 0 and bfloat16 > 0
   assert keras.mixed_precision.global_policy().name == before
 
@@ -154,7 +156,11 @@ def test_only_a_resumed_auto_run_reads_its_recorded_precision(tmp_path):
   model_dir = tmp_path / "run"
   model_dir.mkdir()
   auto = config_lib.Config(data_source="synthetic", model_dir=str(model_dir))
-  assert run_dir.recorded_precision(auto) is None  # A new run.
+  def recorded(config):
+    return run_dir.recorded_precision(
+        run_dir.read_earlier_run(config.model_dir, ignore=config.overwrite), config)
+
+  assert recorded(auto) is None  # A new run.
   for saved, config, expected in (
       ("auto", auto, "mixed_bfloat16"),
       ("mixed_bfloat16", auto, None),  # It was the user's choice; auto is now.
@@ -162,7 +168,7 @@ def test_only_a_resumed_auto_run_reads_its_recorded_precision(tmp_path):
       ("auto", config_lib.Config(**{**auto.__dict__, "overwrite": True}), None)):
     (model_dir / "config.json").write_text(json.dumps(
         {"precision": saved, "precision_resolved": "mixed_bfloat16"}))
-    assert run_dir.recorded_precision(config) == expected, (saved, config.precision)
+    assert recorded(config) == expected, (saved, config.precision)
 
 
 def test_a_recorded_precision_this_cpu_cannot_run_falls_back_to_float32(monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import config as config_lib
-from trainer import errors, run_dir, steps, train
+from trainer import errors, hardware, run_dir, steps, train
 
 from conftest import REPO, skip_unless_cpu_runs
 from conftest import run_main as trainer
@@ -344,7 +344,7 @@ def test_deterministic_xla_on_the_imagenet_stem_is_refused_after_auto(monkeypatc
   config = config_lib.Config(depth=18, stem="imagenet", deterministic=True,
                              data_source="synthetic")
   with pytest.raises(errors.ConfigError, match="--deterministic cannot be combined with XLA"):
-    train.resolve_hardware(config, tf.distribute.get_strategy())
+    hardware.resolve(config, tf.distribute.get_strategy())
 
 
 def test_a_refused_run_leaves_no_empty_model_dir(tmp_path):

@@ -7,24 +7,11 @@ import time
 
 from absl import logging
 
+from trainer import config as config_lib
 from trainer import run_files
 from trainer.config import Config, flag_text
 
 # The settings block: each group a line of the settings people look at first.
-SETTING_GROUPS = {
-    "model": ("depth", "plain", "stem", "shortcut", "stage_sizes", "stage_widths",
-              "bn_momentum", "zero_init_residual", "ema_decay"),
-    "data": ("data_source", "data_dir", "validation_split", "deterministic", "seed"),
-    "recipe": ("recipe", "epochs", "steps_per_epoch", "global_batch_size", "learning_rate",
-               "lr_schedule", "warmup_epochs", "momentum", "nesterov", "weight_decay",
-               "label_smoothing", "clipnorm", "eval_flip", "eval_steps"),
-    "distribution": ("strategy", "cpu_devices", "num_gpus", "tpu", "all_reduce",
-                     "peer_timeout_seconds", "precision", "jit_compile", "steps_per_execution",
-                     "sync_batch_norm"),
-    "run dir": ("mode", "model_dir", "overwrite", "checkpoint", "export_dir",
-                "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                "profile_steps"),
-}
 _FULL_FORMAT = logging.PythonFormatter()
 
 
@@ -94,7 +81,7 @@ def settings_block(config: Config) -> str:
   """The settings, one line per group, only what is set (None and False left out)."""
   settings = vars(config)
   lines = []
-  for group, names in SETTING_GROUPS.items():
+  for group, names in config_lib.groups().items():
     shown = [f"{name}={flag_text(settings[name])}" for name in names
              if settings[name] is not None and settings[name] is not False]
     lines.append(f"  {group + ':':<14}{' '.join(shown)}")

@@ -41,7 +41,7 @@ def config_from_flags(notes: list[str] | None = None) -> config_lib.Config:
                  for field in config_lib.Config.__dataclass_fields__}
   values = config_lib.training_values(flag_values, recipes.RECIPES[FLAGS.recipe])
   given = {field: values[field] for field, (_, present) in flag_values.items()
-           if present or field in ("mode", "model_dir", *config_lib.HARDWARE_FIELDS)}
+           if present or field in config_lib.EVAL_COMMAND}
   saved_path = os.path.join(FLAGS.model_dir, run_files.CONFIG_FILE)
   if FLAGS.mode == "train":
     return config_lib.Config(**values)
@@ -252,11 +252,9 @@ Exit codes: 0 done, 1 diverged or a peer lost, 2 bad settings, data or run dir,
 
 
 def _help_text() -> str:
-  """USAGE, then the flags grouped as docs/flags.md groups them (console.SETTING_GROUPS)."""
-  from trainer import console
-  groups = {**console.SETTING_GROUPS, "output": ("tf_logs",)}
+  """USAGE, then the flags grouped as docs/flags.md groups them (the settings' groups)."""
   lines = [USAGE]
-  for group, names in groups.items():
+  for group, names in flag_definitions.HELP_GROUPS.items():
     lines.append(f"\n{group}:")
     for name in names:
       flag = FLAGS[name]

@@ -17,18 +17,11 @@ import tempfile
 from absl import logging
 import tensorflow as tf
 
+from trainer import config as config_lib
 from trainer import run_files
 from trainer.config import Config
 from trainer.errors import CheckpointError, RunDirError, UserError
 
-# Settings a checkpoint cannot survive: the architecture, what maps steps to data (the
-# training set, its split, the batches) and the shape of the learning-rate schedule over
-# those steps. --epochs may change (raising it continues a finished run), and so may
-# --learning_rate (a lower one is the remedy a diverged run's error message names).
-INCOMPATIBLE_FIELDS = ("depth", "plain", "stem", "shortcut", "stage_sizes", "stage_widths",
-                       "global_batch_size", "steps_per_epoch", "data_source", "seed",
-                       "deterministic", "validation_split", "recipe", "lr_schedule",
-                       "warmup_epochs")
 
 # What --overwrite removes: only what a run writes, never other files of the user's.
 # train.log stays: it records the --overwrite too.
@@ -187,49 +180,76 @@ def claim(model_dir: str, *, lock: bool = True):
         os.rmdir(model_dir)
 
 
-def prepare(model_dir: str, config: Config, resolved: dict) -> None:
-  """Makes model_dir ready for this run: emptied with --overwrite, and holding no run
-  with incompatible settings or a history this run could not continue. Writes nothing
-  unless --overwrite. The precision is checked apart (check_precision): on a CPU,
-  --precision=auto is a measurement, which a run refused here should not wait for.
+@dataclasses.dataclass(frozen=True)
+class EarlierRun:
+  """What a run dir holds of an earlier run of it, read once at start-up: its settings
+  (config.json: the Config and what it resolved to; None for a new run) and its per-epoch
+  history. The compatibility checks and the resume read it from here."""
+  model_dir: str
+  settings: dict | None
+  history: list[dict]
+
+  @property
+  def config_path(self) -> str:
+    return os.path.join(self.model_dir, run_files.CONFIG_FILE)
+
+
+def read_earlier_run(model_dir: str, *, ignore: bool = False) -> EarlierRun:
+  """The earlier run in model_dir; none when `ignore` (--overwrite: it will be deleted).
+
+  Raises:
+    RunDirError: for a config.json or history.json that cannot be read.
+  """
+  if ignore:
+    return EarlierRun(model_dir, None, [])
+  settings = run_files.read_json(os.path.join(model_dir, run_files.CONFIG_FILE),
+                                 "the run's settings")
+  return EarlierRun(model_dir, settings, read_history(model_dir))
+
+
+def prepare(model_dir: str, config: Config, earlier: EarlierRun, resolved: dict) -> None:
+  """Makes model_dir ready for this run, once its data has resolved: emptied with
+  --overwrite, and holding no run whose data resolved otherwise (check_settings has
+  checked the flags before the data loaded). Writes nothing unless --overwrite. The
+  precision is checked apart (check_precision): on a CPU, --precision=auto is a
+  measurement, which a run refused here should not wait for.
 
   Args:
+    earlier: read_earlier_run(model_dir, ignore=config.overwrite).
     resolved: what this run's data resolved to, config.json's values of RESOLVED_DATA.
   Raises:
     RunDirError: naming what is wrong and what to do.
   """
   if config.overwrite:
     clear_run(model_dir)
-  check_compatible(model_dir, config, resolved)
-  read_history(model_dir)
+  differing = [f"{RESOLVED_DATA[name]}: {_short(earlier.settings[name])} in "
+               f"{earlier.config_path}, {_short(mine)} now"
+               for name, mine in resolved.items()
+               if earlier.settings and earlier.settings.get(name) not in (None, mine)]
+  if differing:
+    _refuse(model_dir, differing)
 
 
-def recorded_precision(config: Config) -> str | None:
+def recorded_precision(earlier: EarlierRun, config: Config) -> str | None:
   """What a resumed --precision=auto run resolved auto to when it started (config.json's
   precision_resolved, where its --precision was auto too), so that it keeps it: on a CPU
   auto is a measurement, and a run must not change precision with a timing. None for a
   new run, with --overwrite, or when either --precision was not auto.
 
-  Every worker reads the chief's --model_dir, so all keep the same precision.
+  Every worker passes the chief's --model_dir's run, so all keep the same precision.
   """
-  if config.overwrite or config.precision != "auto":
-    return None
-  saved = run_files.read_json(os.path.join(config.model_dir, run_files.CONFIG_FILE),
-                              "the run's settings")
-  if saved is None or saved.get("precision") != "auto":
+  saved = earlier.settings
+  if config.precision != "auto" or saved is None or saved.get("precision") != "auto":
     return None
   return saved.get("precision_resolved")
 
 
-def recorded_data_seed(config: Config) -> int | None:
+def recorded_data_seed(earlier: EarlierRun, config: Config) -> int | None:
   """The data seed a resumed run drew when it started (config.json's data_seed_resolved),
   so that it goes on in the same order; None for a new run, with --overwrite, or where
   either run is --deterministic (then --seed is the seed)."""
-  if config.overwrite or config.deterministic:
-    return None
-  saved = run_files.read_json(os.path.join(config.model_dir, run_files.CONFIG_FILE),
-                              "the run's settings")
-  if saved is None or saved.get("deterministic", True):
+  saved = earlier.settings
+  if config.deterministic or saved is None or saved.get("deterministic", True):
     return None
   seed = saved.get("data_seed_resolved")
   return seed if isinstance(seed, int) and 0 <= seed < 2**24 else None
@@ -291,63 +311,56 @@ def _short(value) -> str:
   return text if len(text) <= 120 else text[:117] + "..."
 
 
-def check_compatible(model_dir: str, config: Config, resolved: dict,
-                     report_changes: bool = True) -> None:
-  """Refuses to continue a run whose saved config.json differs in incompatible settings:
-  the architecture, the data, its split and order, the schedule's shape (`resolved`: what
-  the data resolved to; {} checks the flags alone), and an EMA (its variables are in the
-  checkpoint). Logs the compatible settings that changed, if `report_changes`.
+def check_settings(earlier: EarlierRun, config: Config) -> None:
+  """Refuses to continue a run whose settings (config.json) differ in a setting a resumed
+  run must keep (config.RESUME_FIXED: the architecture, the data, its split and order,
+  the schedule's shape) or in having an EMA (its variables are in the checkpoint). Runs
+  before the data loads: that can take a minute, or fail on its own and hide the
+  contradiction (a rerun with a typo). Logs the settings that changed.
 
   Raises:
     RunDirError: naming each differing setting and how to start afresh.
   """
-  path = os.path.join(model_dir, run_files.CONFIG_FILE)
-  saved = run_files.read_json(path, "the run's settings")
+  saved, path = earlier.settings, earlier.config_path
   if saved is None:
     return
   ours = dataclasses.asdict(config)
   differing = []
-  for name in INCOMPATIBLE_FIELDS:
+  for name in config_lib.RESUME_FIXED:
     theirs, mine = saved.get(name), ours[name]
     if isinstance(theirs, list):
       theirs = tuple(theirs)
     if theirs != mine:
       differing.append(f"--{name}: {theirs!r} in {path}, {mine!r} now")
-  for name, mine in resolved.items():
-    theirs = saved.get(name)
-    if theirs is not None and theirs != mine:
-      differing.append(f"{RESOLVED_DATA[name]}: {_short(theirs)} in {path}, "
-                       f"{_short(mine)} now")
   if "precision_resolved" in saved:  # Written with the variables' settings.
     (their_text, their_adds), (text, adds) = _ema_variables(saved), _ema_variables(ours)
     if adds != their_adds:
       differing.append(f"--ema_decay: {their_text} in {path}, {text} now")
   if differing:
-    _refuse(model_dir, differing)
-  if not report_changes:
-    return
+    _refuse(earlier.model_dir, differing)
   changed = [f"--{k}: {saved[k]!r} -> {v!r}" for k, v in ours.items()
-             if k in saved and k not in INCOMPATIBLE_FIELDS and saved[k] != v
+             if k in saved and k not in config_lib.RESUME_FIXED and saved[k] != v
              and not (isinstance(saved[k], list) and tuple(saved[k]) == v)]
   if changed:
-    logging.info("continuing %s with changed settings: %s", model_dir, ", ".join(changed))
+    logging.info("continuing %s with changed settings: %s", earlier.model_dir,
+                 ", ".join(changed))
 
 
-def check_precision(model_dir: str, precision: str) -> None:
+def check_precision(earlier: EarlierRun, precision: str) -> None:
   """Refuses to continue a run whose checkpoint has loss-scale variables (float16) where
   this run's resolved precision has none, or the reverse.
 
   Raises:
     RunDirError: naming both precisions and how to start afresh.
   """
-  path = os.path.join(model_dir, run_files.CONFIG_FILE)
-  saved = run_files.read_json(path, "the run's settings")
+  saved = earlier.settings
   if saved is None or "precision_resolved" not in saved:
     return
   their_text, their_adds = _loss_scale_variables(saved["precision_resolved"])
   text, adds = _loss_scale_variables(precision)
   if adds != their_adds:
-    _refuse(model_dir, [f"--precision: {their_text} in {path}, {text} now"])
+    _refuse(earlier.model_dir, [f"--precision: {their_text} in {earlier.config_path}, "
+                                f"{text} now"])
 
 
 def _refuse(model_dir: str, differing: list[str]) -> None:

@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 
 from input_pipeline import pipeline
-from trainer import resnet, schedule
+from trainer import gradients, resnet, schedule
 from trainer.config import Config
 
 
@@ -78,23 +78,9 @@ def build_model(config: Config, num_classes: int, *, portable: bool = False) -> 
       sync_batch_norm=config.sync_batch_norm, portable=portable)
 
 
-class SGD(keras.optimizers.SGD):
-  """Keras's SGD, given gradients already summed over the replicas (steps.py sums them).
-
-  Keras's TensorFlow optimizer sums the replicas' gradients itself, inside `apply`: after
-  clipping, and after LossScaleOptimizer has checked them for overflow, both on each
-  replica's own share, so 2 replicas clipped what one device would not and a replica's
-  overflow went unseen by the others. Summing first and not again keeps one all-reduce
-  per step and makes every decision on the global gradient.
-  """
-
-  def _all_reduce_sum_gradients(self, grads_and_vars):
-    return list(grads_and_vars)
-
-
 def _make_optimizer(config: Config, plan: schedule.Plan,
                     precision: str) -> keras.optimizers.Optimizer:
-  optimizer = SGD(
+  optimizer = gradients.SGD(
       schedule.make_learning_rate(config, plan), momentum=config.momentum,
       nesterov=config.nesterov and config.momentum > 0, clipnorm=config.clipnorm,
       name="sgd")  # Fixed names: variable paths (checkpoint keys) must not get "_1".

@@ -5,7 +5,7 @@ multi-step training call."""
 import keras
 import tensorflow as tf
 
-from trainer import metrics, summaries
+from trainer import gradients, metrics, summaries
 from trainer.config import Config
 from trainer.state import State, averaged_variables, decayed_variables
 
@@ -77,11 +77,7 @@ class TrainSteps:
   def _replica_step(self, step, images, labels, ids=None):
     optimizer, model = self.state.optimizer, self.state.model
     grads, objective, cross_entropy, logits, loss = self._gradients(images, labels)
-    # The one all-reduce of the step: gradients and objective summed over the global
-    # batch (Keras's optimizer would sum after clipping and after the loss-scale check,
-    # each done on the replica's own share; state.SGD does not sum again).
-    *grads, global_loss = tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM, [*grads, tf.cast(loss, grads[0].dtype)])
+    grads, global_loss = gradients.sum_over_replicas(grads, loss)
     with tf.name_scope("gradient_norms"):  # Per stage: the vanishing-gradient picture.
       unscale = tf.cast(optimizer.scale_loss(1.0), tf.float32)
       for name, indices in self.stage_groups.items():

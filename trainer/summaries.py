@@ -30,7 +30,7 @@ from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.hparams import api_pb2
 from tensorboard.plugins.hparams import summary as hparams_summary
 
-from trainer import architecture, run_files
+from trainer import run_files
 from trainer import config as config_lib
 from trainer.stop import Stopped
 
@@ -52,32 +52,36 @@ _STRATEGY_NAMES = {"_DefaultDistributionStrategy": "default",
                    "CollectiveAllReduceStrategy": "multi_worker",
                    "MultiWorkerMirroredStrategy": "multi_worker",
                    "TPUStrategyV2": "tpu", "TPUStrategy": "tpu"}
+def _setting_hparam(name: str) -> hp.HParam:
+  """A setting declared as an HParam, its domain from its declared type, choices and bounds."""
+  declared = config_lib.SETTINGS[name]
+  field_type = config_lib.Config.__dataclass_fields__[name].type
+  if declared.choices is not None:
+    domain = hp.Discrete(list(declared.choices))
+  elif field_type is bool:
+    domain = hp.Discrete([False, True])
+  elif field_type in (int, int | None):
+    domain = hp.IntInterval(int(declared.minimum or 0), _INT_MAX)
+  else:
+    domain = hp.RealInterval(float(declared.minimum or declared.above or 0), _FLOAT_MAX)
+  return hp.HParam(name, domain, description=declared.hparam)
+
+
 # The hyper-parameters a person compares runs by (the rest of the settings are in the
-# text summary "config"). Every domain is independent of the run: TensorBoard reads the
-# experiment config of one run (the first it finds) for all the runs under its --logdir.
+# text summary "config"): the settings declared as HParams, then what the run resolved.
+# Every domain is independent of the run: TensorBoard reads the experiment config of one
+# run (the first it finds) for all the runs under its --logdir.
+_SETTING_HPARAMS = tuple(name for name, declared in config_lib.SETTINGS.items()
+                         if declared.hparam)
 HPARAMS = (
-    hp.HParam("depth", hp.IntInterval(1, _INT_MAX), description="--depth"),
-    hp.HParam("plain", hp.Discrete([False, True]),
-              description="--plain: no shortcut connections"),
-    hp.HParam("stem", hp.Discrete(list(architecture.STEMS)), description="--stem"),
-    hp.HParam("recipe", hp.Discrete(list(config_lib.RECIPE_NAMES)),
-              description="--recipe"),
-    hp.HParam("learning_rate", hp.RealInterval(0.0, _FLOAT_MAX),
-              description="--learning_rate (for a global batch of 128; scaled linearly)"),
-    hp.HParam("global_batch_size", hp.IntInterval(1, _INT_MAX),
-              description="--global_batch_size"),
+    *(_setting_hparam(name) for name in _SETTING_HPARAMS),
     hp.HParam("epochs", hp.RealInterval(0.0, _FLOAT_MAX),
               description="total steps / steps per epoch (--epochs, or the he2016 length)"),
-    hp.HParam("weight_decay", hp.RealInterval(0.0, _FLOAT_MAX),
-              description="--weight_decay"),
     hp.HParam("precision", hp.Discrete([p for p in config_lib.PRECISIONS if p != "auto"]),
               description="--precision, resolved"),
     hp.HParam("strategy", hp.Discrete(sorted({*_STRATEGY_NAMES.values(), "other"})),
               description="--strategy, resolved"),
     hp.HParam("replicas", hp.IntInterval(1, _INT_MAX), description="replicas in sync"),
-    hp.HParam("data_source", hp.Discrete(list(config_lib.DATA_SOURCES)),
-              description="--data_source"),
-    hp.HParam("seed", hp.IntInterval(0, _INT_MAX), description="--seed"),
 )
 
 
@@ -110,15 +114,15 @@ def _hparam_value(value):
 def hparam_values(settings: dict) -> dict[str, bool | int | float | str]:
   """The HPARAMS' values of a run, from its settings (config.json's: the Config plus the
   resolved values)."""
-  return {"depth": settings["depth"], "plain": settings["plain"], "stem": settings["stem"],
-          "recipe": settings["recipe"], "learning_rate": float(settings["learning_rate"]),
-          "global_batch_size": settings["global_batch_size"],
+  fields = config_lib.Config.__dataclass_fields__
+  # A float setting may have been written as an integer (JSON's 1 for 1.0).
+  values = {name: float(settings[name]) if fields[name].type is float else settings[name]
+            for name in _SETTING_HPARAMS}
+  return {**values,
           "epochs": round(settings["total_steps"] / settings["steps_per_epoch_resolved"], 4),
-          "weight_decay": float(settings["weight_decay"]),
           "precision": settings["precision_resolved"],
           "strategy": _STRATEGY_NAMES.get(settings["strategy_resolved"], "other"),
-          "replicas": settings["replicas"], "data_source": settings["data_source"],
-          "seed": settings["seed"]}
+          "replicas": settings["replicas"]}
 
 
 def hparams_metrics(eval_name: str) -> list[hp.Metric]:
