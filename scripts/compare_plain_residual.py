@@ -58,7 +58,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)  # `python scripts/X.py` puts scripts/, not the repo, on the path.
 
-from scripts import experiment  # noqa: E402
+from scripts import experiment_figures, experiment_results, experiment_runs  # noqa: E402
 from trainer import cli, errors, flag_definitions, recipes  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
 
@@ -98,7 +98,7 @@ flags.DEFINE_list("gpus", None, "GPU ids, e.g. 0,1,2,3: process slot i sees only
                   "(CUDA_VISIBLE_DEVICES), so --parallel runs do not share a GPU.")
 flags.DEFINE_string("extra_args", "", "More trainer flags for every run, e.g. "
                     "\"--learning_rate=0.05 --deterministic\".")
-flags.DEFINE_enum("x_axis", "epoch", list(experiment.X_AXES), "The figure's x axis: epoch, "
+flags.DEFINE_enum("x_axis", "epoch", list(experiment_figures.X_AXES), "The figure's x axis: epoch, "
                   "or step (He et al. plot iterations).")
 flags.mark_flag_as_required("output_dir")
 
@@ -113,11 +113,11 @@ class Job:
 
   @property
   def name(self) -> str:
-    return experiment.run_name(self.depth, self.plain)
+    return experiment_runs.run_name(self.depth, self.plain)
 
   @property
   def label(self) -> str:
-    return experiment.run_label(self.depth, self.plain)
+    return experiment_runs.run_label(self.depth, self.plain)
 
   def trainer_args(self, extra_args: list[str]) -> list[str]:
     """The trainer's flags for this run."""
@@ -214,10 +214,10 @@ def run_state(job: Job, extra_values: dict[str, str]) -> str:
   """"finished", "unfinished" (resumes from its checkpoint) or "new".
 
   Raises:
-    experiment.RunError: when the model dir holds a run with other settings; resuming it
+    experiment_runs.RunError: when the model dir holds a run with other settings; resuming it
       would mix two schedules.
   """
-  config = experiment.read_config(job.model_dir)
+  config = experiment_runs.read_config(job.model_dir)
   if config is None:
     return "new"
   wanted = {**job.expected, **extra_values}
@@ -226,10 +226,10 @@ def run_state(job: Job, extra_values: dict[str, str]) -> str:
            for k, v in wanted.items()
            if k in config and not (v is None and k == "epochs") and not _same(config[k], v)]
   if diffs:
-    raise experiment.RunError(
+    raise experiment_runs.RunError(
         f"{job.model_dir} holds a run with other settings: {', '.join(diffs)}. Use another "
         "--output_dir, or delete that dir to retrain it.")
-  metrics = experiment.read_metrics(job.model_dir)
+  metrics = experiment_runs.read_metrics(job.model_dir)
   if metrics is not None:
     # The trainer records the resolved total (the he2016 recipe counts iterations); older
     # config.json files only have epochs.
@@ -270,11 +270,11 @@ def _tail(path: str, lines: int = TAIL_LINES) -> list[str]:
 
 
 def _final_line(job: Job) -> str:
-  metrics = experiment.read_metrics(job.model_dir) or {}
+  metrics = experiment_runs.read_metrics(job.model_dir) or {}
   if "test_accuracy" not in metrics:
     return "no metrics.json"
-  return (f"final test error {experiment.error_percent(metrics['test_accuracy']):.2f}% "
-          f"(best epoch {experiment.error_percent(metrics['best_test_accuracy']):.2f}%: "
+  return (f"final test error {experiment_runs.error_percent(metrics['test_accuracy']):.2f}% "
+          f"(best epoch {experiment_runs.error_percent(metrics['best_test_accuracy']):.2f}%: "
           "test-selected, not a result)")
 
 
@@ -290,8 +290,8 @@ class _Running:
   def report_new_epochs(self) -> None:
     """Prints the epochs finished since the last call (from the trainer's history.json)."""
     try:
-      history = experiment.read_history(self.job.model_dir) or []
-    except experiment.RunError:
+      history = experiment_runs.read_history(self.job.model_dir) or []
+    except experiment_runs.RunError:
       return  # Unreadable for a moment; the trainer replaces it atomically. Next poll.
     for h in history:
       if h["epoch"] <= self.last_epoch:
@@ -299,8 +299,8 @@ class _Running:
       planned = self.job.expected["epochs"]
       split = "test" if "test_accuracy" in h else "validation"
       print(f"  {self.job.label} epoch {h['epoch']:g}{f'/{planned}' if planned else ''}: train "
-            f"error {experiment.error_percent(h['train_accuracy']):.2f}%, {split} error "
-            f"{experiment.error_percent(h[f'{split}_accuracy']):.2f}% "
+            f"error {experiment_runs.error_percent(h['train_accuracy']):.2f}%, {split} error "
+            f"{experiment_runs.error_percent(h[f'{split}_accuracy']):.2f}% "
             f"({_duration(time.time() - self.start)})", flush=True)
       self.last_epoch = h["epoch"]
 
@@ -334,8 +334,8 @@ def run_jobs(jobs: list[Job], extra_args: list[str], parallel: int,
         slot = free_slots.pop(0)
         os.makedirs(job.model_dir, exist_ok=True)
         try:
-          held = experiment.read_history(job.model_dir) or []
-        except experiment.RunError:
+          held = experiment_runs.read_history(job.model_dir) or []
+        except experiment_runs.RunError:
           held = []
         command = job.command(extra_args)
         log = open(os.path.join(job.model_dir, LOG_FILE), "a")
@@ -410,7 +410,7 @@ def make_jobs(depths: list[int], settings: dict, output_dir: str) -> list[Job]:
                                               "global_batch_size", "data_source",
                                               "data_dir")}}
       jobs.append(Job(depth, plain, os.path.join(output_dir,
-                                                 experiment.run_name(depth, plain)), expected))
+                                                 experiment_runs.run_name(depth, plain)), expected))
   return jobs
 
 
@@ -476,7 +476,7 @@ def main(argv):
   for job in jobs:
     try:
       state = run_state(job, extra_values)
-    except experiment.RunError as e:
+    except experiment_runs.RunError as e:
       print(f"FAILED {job.label}: {e}", file=sys.stderr)
       failures.append(f"{job.label}: {e}")
       continue
@@ -494,16 +494,16 @@ def main(argv):
   for job in jobs:
     try:
       # The trainer writes history.json at every epoch end: no need for the event files.
-      runs.append(experiment.load_run(job.model_dir, events_fallback=False))
-    except experiment.RunError:
+      runs.append(experiment_runs.load_run(job.model_dir, events_fallback=False))
+    except experiment_runs.RunError:
       pass  # Never reached an epoch end: nothing to draw; the failure is listed already.
   command = shlex.join(["python", "scripts/compare_plain_residual.py", *sys.argv[1:]])
   paths = {name: os.path.join(output_dir, name)
            for name in ("curves.csv", "figure.png", "results.md")}
-  experiment.write_curves_csv(runs, paths["curves.csv"])
-  experiment.plot_figure(runs, paths["figure.png"], x_axis=FLAGS.x_axis)
+  experiment_results.write_curves_csv(runs, paths["curves.csv"])
+  experiment_figures.plot_figure(runs, paths["figure.png"], x_axis=FLAGS.x_axis)
   with open(paths["results.md"], "w") as f:
-    f.write(experiment.results_markdown(runs, command=command, failures=failures))
+    f.write(experiment_results.results_markdown(runs, command=command, failures=failures))
   print(f"{len(to_run)} run(s) to train, {len(jobs) - len(to_run)} reused or refused; "
         f"{_duration(time.time() - study_start)}; wrote {', '.join(paths.values())}")
   print(f"tensorboard --logdir {output_dir}")
