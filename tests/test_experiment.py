@@ -575,16 +575,16 @@ def test_runs_with_their_own_stage_widths_say_so(tmp_path):
 # child process: the script and trainer/main.py define flags of the same names.
 STUDY_DRY_RUN = """
 import json, sys
-from scripts import compare_plain_residual as study
+from scripts import compare_plain_residual as study, experiment_jobs, experiment_runs
 study.FLAGS(["compare_plain_residual.py", *sys.argv[1:]])
 settings = study._settings()
-args, values = study.parse_extra_args(study.FLAGS.extra_args)
+args, values = experiment_jobs.parse_extra_args(study.FLAGS.extra_args)
 jobs = []
-for job in study.make_jobs([int(d) for d in settings["depths"]], settings,
-                           study.FLAGS.output_dir):
+for job in experiment_jobs.make_jobs([int(d) for d in settings["depths"]], settings,
+                                     study.FLAGS.output_dir):
   try:
-    state = study.run_state(job, values)
-  except study.experiment_runs.RunError as e:
+    state = experiment_jobs.run_state(job, values)
+  except experiment_runs.RunError as e:
     state = "refused: " + str(e)
   jobs.append({"name": job.name, "model_dir": job.model_dir, "command": job.command(args),
                "state": state})
