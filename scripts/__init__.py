@@ -1,1 +1,1 @@
-"""Tools beside the trainer, and the analysis modules they share (experiment, flops)."""
+"""Tools beside the trainer, and the analysis modules they share (experiment_*, flops)."""

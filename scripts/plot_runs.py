@@ -19,7 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)  # `python scripts/X.py` puts scripts/, not the repo, on the path.
 
-from scripts import experiment  # noqa: E402
+from scripts import (experiment_figures, experiment_labels, experiment_results,  # noqa: E402
+                     experiment_runs)
 from trainer import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -32,7 +33,7 @@ flags.DEFINE_enum("style", "he2016", ["he2016", "blog"], "The figure: he2016, er
                   "epoch with plain nets left and ResNets right (He et al. 2015, Figure 6); "
                   "blog, loss left and accuracy right, every run in both (the origin blog "
                   "post).")
-flags.DEFINE_enum("x_axis", "epoch", list(experiment.X_AXES), "The figure's x axis: epoch, "
+flags.DEFINE_enum("x_axis", "epoch", list(experiment_figures.X_AXES), "The figure's x axis: epoch, "
                   "or step (He et al. plot iterations); --style=he2016 only.")
 flags.DEFINE_string("title", None, "The figure's title; default: the runs' data and "
                     "schedule.")
@@ -43,11 +44,11 @@ def expand_run_dirs(paths: list[str]) -> list[str]:
   sub-folders that do (sorted), so a study's output dir can be passed whole."""
   dirs = []
   for path in paths:
-    if os.path.exists(os.path.join(path, experiment.CONFIG_FILE)) or not os.path.isdir(path):
+    if os.path.exists(os.path.join(path, experiment_runs.CONFIG_FILE)) or not os.path.isdir(path):
       dirs.append(path)  # A missing dir is reported by load_run.
       continue
     subdirs = sorted(os.path.join(path, name) for name in os.listdir(path)
-                     if os.path.exists(os.path.join(path, name, experiment.CONFIG_FILE)))
+                     if os.path.exists(os.path.join(path, name, experiment_runs.CONFIG_FILE)))
     dirs += subdirs or [path]
   return dirs
 
@@ -56,7 +57,7 @@ def check_outputs(figure: str, others: list[str]) -> str | None:
   """Why the figure or another output file cannot be written, or None; checked before
   any run is read, so a typo costs nothing. Missing parent folders are created."""
   extension = os.path.splitext(figure)[1].lstrip(".").lower()
-  formats = experiment.figure_formats()
+  formats = experiment_figures.figure_formats()
   if extension not in formats:
     return (f"--output={figure}: a figure file name ending in one of "
             f".{', .'.join(sorted(formats))}")
@@ -82,9 +83,9 @@ def load_runs(sources: list[str]) -> tuple[list, list[str]]:
     try:
       path, _, names = source.rpartition("#") if ".csv#" in source else (source, "", "")
       is_csv = path.endswith(".csv")
-      loaded = (experiment.load_curves_csv(path, [n for n in names.split(",") if n])
-                if is_csv else [experiment.load_run(source)])
-    except experiment.RunError as e:
+      loaded = (experiment_runs.load_curves_csv(path, [n for n in names.split(",") if n])
+                if is_csv else [experiment_runs.load_run(source)])
+    except experiment_runs.RunError as e:
       problems.append(str(e))
       print(f"skipping: {e}", file=sys.stderr)
       continue
@@ -97,7 +98,7 @@ def load_runs(sources: list[str]) -> tuple[list, list[str]]:
         continue
       seen.add(identity)
       runs.append(run)
-      state = "finished" if run.finished else experiment.progress(run)
+      state = "finished" if run.finished else experiment_labels.progress(run)
       # None: a --validation_split run measures its test error only when it finishes.
       final = "-" if run.final_test_error is None else f"{run.final_test_error:.2f}%"
       print(f"{run.label}: {run.model_dir} ({state}; curves from {run.history_source}), "
@@ -112,16 +113,16 @@ def write_outputs(runs: list, problems: list[str]) -> list[str]:
     OSError: when a file cannot be written after all.
   """
   if FLAGS.style == "blog":
-    experiment.plot_blog_figure(runs, FLAGS.output, title=FLAGS.title)
+    experiment_figures.plot_blog_figure(runs, FLAGS.output, title=FLAGS.title)
   else:
-    experiment.plot_figure(runs, FLAGS.output, x_axis=FLAGS.x_axis, title=FLAGS.title)
+    experiment_figures.plot_figure(runs, FLAGS.output, x_axis=FLAGS.x_axis, title=FLAGS.title)
   written = [FLAGS.output]
   if FLAGS.csv:
-    experiment.write_curves_csv(runs, FLAGS.csv)
+    experiment_results.write_curves_csv(runs, FLAGS.csv)
     written.append(FLAGS.csv)
   if FLAGS.results:
     with open(FLAGS.results, "w") as f:
-      f.write(experiment.results_markdown(runs, failures=[f"unreadable: {p}"
+      f.write(experiment_results.results_markdown(runs, failures=[f"unreadable: {p}"
                                                           for p in problems]))
     written.append(FLAGS.results)
   return written

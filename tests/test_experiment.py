@@ -13,7 +13,7 @@ import sys
 import matplotlib.image
 import pytest
 
-from scripts import experiment
+from scripts import experiment_figures, experiment_labels, experiment_results, experiment_runs
 from trainer import run_files
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def test_study_writes_runs_curves_figure_and_table(study):
                for d in run_files.EVAL_EVENTS)
 
   rows = read_csv(out / "curves.csv")
-  assert tuple(rows[0]) == experiment.CSV_COLUMNS
+  assert tuple(rows[0]) == experiment_runs.CSV_COLUMNS
   assert [(r["run"], r["kind"], r["depth"], r["epoch"], r["step"]) for r in rows] == [
       ("plain-8", "plain", "8", "1", "2"), ("plain-8", "plain", "8", "2", "4"),
       ("resnet-8", "residual", "8", "1", "2"), ("resnet-8", "residual", "8", "2", "4")]
@@ -136,7 +136,7 @@ def test_plot_runs_draws_runs_from_a_curves_csv_beside_run_dirs(study, tmp_path)
   original = read_csv(out / "curves.csv")
   resnet_only = tmp_path / "resnet.csv"
   with open(resnet_only, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=experiment.CSV_COLUMNS)
+    writer = csv.DictWriter(f, fieldnames=experiment_runs.CSV_COLUMNS)
     writer.writeheader()
     writer.writerows(row for row in original if row["kind"] == "residual")
   figure, curves = tmp_path / "figure.png", tmp_path / "curves.csv"
@@ -198,10 +198,10 @@ def test_a_malformed_curves_csv_row_is_named_not_drawn(tmp_path, change, message
   # with a wrong last epoch or as the other kind.
   bad = _write_rows(tmp_path / "bad.csv",
                     [GOOD_ROW, {**GOOD_ROW, "epoch": "2", "step": "8", **change}])
-  with pytest.raises(experiment.RunError, match=re.escape(f"bad.csv: run r8: a malformed "
+  with pytest.raises(experiment_runs.RunError, match=re.escape(f"bad.csv: run r8: a malformed "
                                                           f"row ({message}")):
-    experiment.load_curves_csv(str(bad))
-  (good,) = experiment.load_curves_csv(str(_write_rows(tmp_path / "good.csv", [GOOD_ROW])))
+    experiment_runs.load_curves_csv(str(bad))
+  (good,) = experiment_runs.load_curves_csv(str(_write_rows(tmp_path / "good.csv", [GOOD_ROW])))
   assert not good.config["plain"] and good.history[-1]["test_accuracy"] == pytest.approx(0.375)
 
 
@@ -209,12 +209,12 @@ def test_a_curves_csv_gives_only_the_runs_named(tmp_path):
   rows = [GOOD_ROW, {**GOOD_ROW, "run": "p8", "label": "plain-8", "kind": "plain"},
           {**GOOD_ROW, "run": "r14", "label": "ResNet-14", "depth": "14"}]
   path = str(_write_rows(tmp_path / "three.csv", rows))
-  assert [run.name for run in experiment.load_curves_csv(path)] == ["r8", "p8", "r14"]
-  assert [run.name for run in experiment.load_curves_csv(path, ["r14", "r8", "r14"])] == [
+  assert [run.name for run in experiment_runs.load_curves_csv(path)] == ["r8", "p8", "r14"]
+  assert [run.name for run in experiment_runs.load_curves_csv(path, ["r14", "r8", "r14"])] == [
       "r14", "r8"]
-  with pytest.raises(experiment.RunError, match=re.escape(
+  with pytest.raises(experiment_runs.RunError, match=re.escape(
       "three.csv: no run r9, p14 (its runs: r8, p8, r14)")):
-    experiment.load_curves_csv(path, ["r9", "r8", "p14"])
+    experiment_runs.load_curves_csv(path, ["r9", "r8", "p14"])
 
 
 @pytest.mark.parametrize("outputs, message", [
@@ -244,7 +244,7 @@ def test_plot_runs_refuses_outputs_it_cannot_write_before_reading_runs(tmp_path,
 
 def _write_rows(path, rows):
   with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=experiment.CSV_COLUMNS)
+    writer = csv.DictWriter(f, fieldnames=experiment_runs.CSV_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
   return path
@@ -317,13 +317,13 @@ def test_failed_runs_are_reported_and_outputs_still_written(tmp_path):
   assert matplotlib.image.imread(tmp_path / "out" / "figure.png").shape[0] > 100
 
 
-def _run(name: str, depth: int, plain: bool, test_errors: list[float]) -> experiment.Run:
+def _run(name: str, depth: int, plain: bool, test_errors: list[float]) -> experiment_runs.Run:
   history = tuple({"epoch": i + 1, "step": 10 * (i + 1), "train_loss": 1.0,
                    "train_accuracy": 1 - (e - 1) / 100, "test_loss": 1.0,
                    "test_accuracy": 1 - e / 100} for i, e in enumerate(test_errors))
   config = {"depth": depth, "plain": plain, "epochs": len(test_errors),
             "data_source": "folder", "data_dir": "/data", "global_batch_size": 128}
-  return experiment.Run(name, f"/runs/{name}", config, history, experiment.HISTORY_FILE)
+  return experiment_runs.Run(name, f"/runs/{name}", config, history, experiment_runs.HISTORY_FILE)
 
 
 def test_results_table_gap_and_depth_trends():
@@ -331,7 +331,7 @@ def test_results_table_gap_and_depth_trends():
           _run("resnet-20", 20, False, [18.0, 8.5]),
           _run("resnet-56", 56, False, [16.0, 7.0, 7.5])]
   runs[3].config["epochs"] = 4  # unfinished
-  text = experiment.results_markdown(runs, command="python x.py")
+  text = experiment_results.results_markdown(runs, command="python x.py")
   assert "| 20 | 9.00 | 9.00 | 8.50 | 8.50 | 0.50 |" in text
   # An unfinished run's last epoch so far is marked, in its cells and in the gap.
   assert ("| 56 | 13.00 | 13.00 | 7.50 (unfinished) | 7.00 | 5.50 (unfinished) | 12.00 | "
@@ -344,7 +344,7 @@ def test_results_table_gap_and_depth_trends():
   assert "- Left out, unfinished: ResNet-56." in text
   assert "ResNet-56 (3/4 epochs)" in text
   runs[3].config["epochs"] = 3
-  text = experiment.results_markdown(runs, command="python x.py")
+  text = experiment_results.results_markdown(runs, command="python x.py")
   assert "| 56 | 13.00 | 13.00 | 7.50 | 7.00 | 5.50 | 12.00 | 6.50 |" in text
   assert "ResNets better with depth (20 to 56 layers)? **yes**" in text
   assert "Left out" not in text
@@ -353,23 +353,23 @@ def test_results_table_gap_and_depth_trends():
 def test_validation_split_runs_take_final_test_error_from_metrics(tmp_path):
   history = ({"epoch": 1, "step": 5, "train_loss": 1.0, "train_accuracy": 0.5,
               "validation_loss": 1.0, "validation_accuracy": 0.6},)
-  run = experiment.Run("resnet-20", "/runs/resnet-20",
+  run = experiment_runs.Run("resnet-20", "/runs/resnet-20",
                        {"depth": 20, "plain": False, "epochs": 1, "total_steps": 5,
-                        "validation_split": 5000}, history, experiment.HISTORY_FILE,
+                        "validation_split": 5000}, history, experiment_runs.HISTORY_FILE,
                        {"test_accuracy": 0.75})
   assert run.eval_split == "validation" and run.finished
   assert run.final_test_error == pytest.approx(25.0)
   assert run.best_test_error == pytest.approx(40.0)  # the best validation error
-  experiment.write_curves_csv([run], tmp_path / "curves.csv")
+  experiment_results.write_curves_csv([run], tmp_path / "curves.csv")
   (row,) = read_csv(tmp_path / "curves.csv")
   assert row["eval_split"] == "validation" and float(row["test_error"]) == pytest.approx(40.0)
-  assert "validation split" in experiment.results_markdown([run])
+  assert "validation split" in experiment_results.results_markdown([run])
 
 
 def test_runs_sharing_a_label_get_their_own_colours():
   runs = [_run("plain-20", 20, True, [20.0]), _run("resnet-20", 20, False, [18.0]),
           _run("resnet-56", 56, False, [16.0]), _run("resnet-20-wd1e3", 20, False, [17.0])]
-  colours = experiment.run_colours(runs)
+  colours = experiment_figures.run_colours(runs)
   assert len(colours) == 4
   # Figure 6's convention where labels are unique: plain-20 and ResNet-56 differ.
   assert colours["/runs/plain-20"] != colours["/runs/resnet-56"]
@@ -377,7 +377,7 @@ def test_runs_sharing_a_label_get_their_own_colours():
   assert len({colours["/runs/resnet-20"], colours["/runs/resnet-20-wd1e3"],
               colours["/runs/plain-20"], colours["/runs/resnet-56"]}) == 4
   # Without the ablation run, each depth has one colour in both panels.
-  colours = experiment.run_colours(runs[:3])
+  colours = experiment_figures.run_colours(runs[:3])
   assert colours["/runs/plain-20"] == colours["/runs/resnet-20"] != colours["/runs/resnet-56"]
 
 
@@ -385,7 +385,7 @@ def test_legend_labels_tell_apart_runs_of_two_studies():
   a, b = _run("resnet-20", 20, False, [18.0]), _run("resnet-20", 20, False, [17.0])
   b = dataclasses.replace(b, model_dir="/other-study/resnet-20")
   a = dataclasses.replace(a, model_dir="/study/resnet-20")
-  labels = experiment._unique_labels([a, b, _run("resnet-56", 56, False, [16.0])])
+  labels = experiment_labels._unique_labels([a, b, _run("resnet-56", 56, False, [16.0])])
   assert labels == {"/study/resnet-20": "ResNet-20 (study/resnet-20)",
                     "/other-study/resnet-20": "ResNet-20 (other-study/resnet-20)",
                     "/runs/resnet-56": "ResNet-56"}
@@ -393,14 +393,14 @@ def test_legend_labels_tell_apart_runs_of_two_studies():
 
 def test_figure_of_one_kind_has_one_panel(tmp_path):
   resnets = [_run("resnet-20", 20, False, [18.0, 9.0]), _run("resnet-56", 56, False, [16.0, 8.0])]
-  experiment.plot_figure(resnets, tmp_path / "one.png")
-  experiment.plot_figure(resnets + [_run("plain-20", 20, True, [20.0, 9.5])],
+  experiment_figures.plot_figure(resnets, tmp_path / "one.png")
+  experiment_figures.plot_figure(resnets + [_run("plain-20", 20, True, [20.0, 9.5])],
                          tmp_path / "two.png")
   one, two = (matplotlib.image.imread(tmp_path / f).shape for f in ("one.png", "two.png"))
   assert one[0] == two[0] and one[1] < 0.6 * two[1]
 
 
-def _blog_runs() -> list[experiment.Run]:
+def _blog_runs() -> list[experiment_runs.Run]:
   """The blog study's three runs, quarter width; ResNet-50 stopped after 1 of 2 epochs."""
   runs = [_run("plain-34", 34, True, [60.0, 50.0]), _run("resnet-34", 34, False, [55.0, 40.0]),
           _run("resnet-50", 50, False, [58.0])]
@@ -411,7 +411,7 @@ def _blog_runs() -> list[experiment.Run]:
 
 def test_blog_figure_draws_loss_and_accuracy_of_every_run(tmp_path):
   runs = _blog_runs()
-  fig = experiment.plot_blog_figure(runs, str(tmp_path / "blog.png"), title="blog study")
+  fig = experiment_figures.plot_blog_figure(runs, str(tmp_path / "blog.png"), title="blog study")
   image = matplotlib.image.imread(tmp_path / "blog.png")
   assert image.ndim == 3 and image.shape[1] > image.shape[0] > 100
   loss_ax, acc_ax = fig.axes
@@ -434,7 +434,7 @@ def test_blog_figure_draws_loss_and_accuracy_of_every_run(tmp_path):
                     "training", "test"]
   assert fig.get_suptitle() == "blog study"
   # The default title says the layout the runs share; the legend then does not.
-  fig = experiment.plot_blog_figure(runs, str(tmp_path / "default.png"))
+  fig = experiment_figures.plot_blog_figure(runs, str(tmp_path / "default.png"))
   assert "widths 16,32,64,128" in fig.get_suptitle()
   assert [t.get_text() for t in fig.legends[0].get_texts()][:2] == ["plain-34", "ResNet-34"]
 
@@ -442,21 +442,21 @@ def test_blog_figure_draws_loss_and_accuracy_of_every_run(tmp_path):
 def test_blog_figure_names_validation_curves(tmp_path):
   history = ({"epoch": 1, "step": 5, "train_loss": 2.0, "train_accuracy": 0.5,
               "validation_loss": 1.5, "validation_accuracy": 0.6},)
-  validated = experiment.Run("resnet-20", "/runs/resnet-20",
+  validated = experiment_runs.Run("resnet-20", "/runs/resnet-20",
                              {"depth": 20, "plain": False, "epochs": 1,
-                              "validation_split": 5000}, history, experiment.HISTORY_FILE)
-  fig = experiment.plot_blog_figure([validated], str(tmp_path / "validation.png"))
+                              "validation_split": 5000}, history, experiment_runs.HISTORY_FILE)
+  fig = experiment_figures.plot_blog_figure([validated], str(tmp_path / "validation.png"))
   assert [t.get_text() for t in fig.legends[0].get_texts() if t.get_text()] == [
       "ResNet-20", "training", "validation"]
   assert [list(line.get_ydata()) for line in fig.axes[0].get_lines()] == [[2.0], [1.5]]
-  fig = experiment.plot_blog_figure([validated, _run("plain-20", 20, True, [30.0])],
+  fig = experiment_figures.plot_blog_figure([validated, _run("plain-20", 20, True, [30.0])],
                                     str(tmp_path / "mixed.png"))
   assert [t.get_text() for t in fig.legends[0].get_texts() if t.get_text()] == [
       "plain-20", "ResNet-20 [validation curve]", "training", "test / validation"]
 
 
 def test_figure6_legend_says_how_far_unfinished_runs_got(tmp_path):
-  fig = experiment.plot_figure(_blog_runs(), str(tmp_path / "he2016.png"))
+  fig = experiment_figures.plot_figure(_blog_runs(), str(tmp_path / "he2016.png"))
   plain_ax, resnet_ax = fig.axes
   assert [t.get_text() for t in resnet_ax.get_legend().get_texts()] == [
       "ResNet-34", "ResNet-50 [unfinished, 1 of 2 epochs]", "training error", "test error"]
@@ -467,7 +467,7 @@ def test_results_table_per_run_accuracies_and_wall_time():
   runs = _blog_runs()
   runs[0] = dataclasses.replace(runs[0], metrics={"wall_seconds": 3190.3})
   # runs[1] finished without metrics.json (stopped before writing it); runs[2] unfinished.
-  text = experiment.results_markdown(runs)
+  text = experiment_results.results_markdown(runs)
   # The depth table keeps its columns.
   assert "| 34 | 50.00 | 50.00 | 40.00 | 40.00 | 10.00 | 49.00 | 39.00 | - |" in text
   assert ("| run | final test accuracy | best test accuracy (test-selected) "
@@ -476,7 +476,7 @@ def test_results_table_per_run_accuracies_and_wall_time():
   assert "| plain-34 | 50.00 | 50.00 | 51.00 | 49.00 | 53 min 10 s |" in text
   assert "| ResNet-34 | 60.00 | 60.00 | 61.00 | 39.00 | - (no metrics.json) |" in text
   assert "| ResNet-50 | 42.00 | 42.00 | 43.00 | 57.00 | unfinished, 1 of 2 epochs |" in text
-  assert [experiment.format_duration(s) for s in (42.4, 61, 7325)] == [
+  assert [experiment_results.format_duration(s) for s in (42.4, 61, 7325)] == [
       "42 s", "1 min 01 s", "2 h 02 min"]
 
 
@@ -529,7 +529,7 @@ def test_event_history_reads_the_evaluation_dir_of_the_split(
   for name in event_dirs:
     write_epoch_events(run_dir / name, [(5, 1.9, accuracies[name][0]),
                                         (10, 1.4, accuracies[name][1])])
-  run = experiment.load_run(str(run_dir))
+  run = experiment_runs.load_run(str(run_dir))
   assert run.history_source == "events" and run.eval_split == split and run.finished
   assert [h["epoch"] for h in run.history] == [1, 2]
   assert [h["train_accuracy"] for h in run.history] == pytest.approx([0.3, 0.5])
@@ -544,30 +544,30 @@ def test_runs_with_their_own_stage_widths_say_so(tmp_path):
           (("plain-34", 34, True), ("resnet-34", 34, False), ("resnet-50", 50, False))]
   for run in blog:
     run.config.update(recipe="blog", stage_widths=[16, 32, 64, 128])
-  assert experiment.layout_note(blog[0].config) == "widths 16,32,64,128"
-  assert experiment.layout_note({"stage_sizes": [2, 2], "stage_widths": [8, 16]}) == \
+  assert experiment_runs.layout_note(blog[0].config) == "widths 16,32,64,128"
+  assert experiment_runs.layout_note({"stage_sizes": [2, 2], "stage_widths": [8, 16]}) == \
       "blocks 2,2, widths 8,16"
   # Shared by every run: in the figure's default title and in results.md's settings.
-  assert "recipe blog, widths 16,32,64,128, 2 epochs" in experiment.describe_settings(blog)
-  assert "widths 16,32,64,128" in experiment.results_markdown(blog)
-  assert experiment.legend_labels(blog)["/runs/resnet-34"] == "ResNet-34"
+  assert "recipe blog, widths 16,32,64,128, 2 epochs" in experiment_labels.describe_settings(blog)
+  assert "widths 16,32,64,128" in experiment_results.results_markdown(blog)
+  assert experiment_labels.legend_labels(blog)["/runs/resnet-34"] == "ResNet-34"
   # A title of one's own replaces that description: the legend says it then.
-  assert experiment.legend_labels(blog, title="blog study")["/runs/resnet-34"] == \
+  assert experiment_labels.legend_labels(blog, title="blog study")["/runs/resnet-34"] == \
       "ResNet-34 (widths 16,32,64,128)"
-  experiment.plot_figure(blog, tmp_path / "blog.png", title="blog study")
+  experiment_figures.plot_figure(blog, tmp_path / "blog.png", title="blog study")
 
   # Mixed with a full-width run: the legend tells the two ResNet-34s apart.
   full = dataclasses.replace(_run("resnet-34", 34, False, [55.0, 45.0]),
                              model_dir="/full/resnet-34")
   full.config["recipe"] = "blog"
   mixed = blog + [full]
-  labels = experiment.legend_labels(mixed)
+  labels = experiment_labels.legend_labels(mixed)
   assert labels["/runs/resnet-34"] == "ResNet-34 (widths 16,32,64,128)"
   assert labels["/full/resnet-34"] == "ResNet-34"
   assert labels["/runs/plain-34"] == "plain-34 (widths 16,32,64,128)"
-  settings = experiment.describe_settings(mixed)
+  settings = experiment_labels.describe_settings(mixed)
   assert "widths" not in settings and "settings differ between runs" in settings
-  experiment.plot_figure(mixed, tmp_path / "mixed.png")
+  experiment_figures.plot_figure(mixed, tmp_path / "mixed.png")
 
 
 # Builds the jobs of a study as scripts/compare_plain_residual.py's main() does, without
@@ -575,16 +575,16 @@ def test_runs_with_their_own_stage_widths_say_so(tmp_path):
 # child process: the script and trainer/main.py define flags of the same names.
 STUDY_DRY_RUN = """
 import json, sys
-from scripts import compare_plain_residual as study
+from scripts import compare_plain_residual as study, experiment_jobs, experiment_runs
 study.FLAGS(["compare_plain_residual.py", *sys.argv[1:]])
 settings = study._settings()
-args, values = study.parse_extra_args(study.FLAGS.extra_args)
+args, values = experiment_jobs.parse_extra_args(study.FLAGS.extra_args)
 jobs = []
-for job in study.make_jobs([int(d) for d in settings["depths"]], settings,
-                           study.FLAGS.output_dir):
+for job in experiment_jobs.make_jobs([int(d) for d in settings["depths"]], settings,
+                                     study.FLAGS.output_dir):
   try:
-    state = study.run_state(job, values)
-  except study.experiment.RunError as e:
+    state = experiment_jobs.run_state(job, values)
+  except experiment_runs.RunError as e:
     state = "refused: " + str(e)
   jobs.append({"name": job.name, "model_dir": job.model_dir, "command": job.command(args),
                "state": state})

@@ -200,9 +200,9 @@ def test_evaluation_events_hold_each_value_once_and_overlay_training_on_epoch_ta
 
 
 def test_the_study_scripts_still_read_the_curves_from_the_events(study):
-  from scripts import experiment
+  from scripts import experiment_runs
   history = read_json(study / "residual" / "history.json")["history"]
-  from_events = experiment.read_event_history(str(study / "residual"), 3)
+  from_events = experiment_runs.read_event_history(str(study / "residual"), 3)
   assert [h["step"] for h in from_events] == [h["step"] for h in history]
   for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
     assert [h[key] for h in from_events] == pytest.approx([h[key] for h in history])
