@@ -24,14 +24,13 @@ TORCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 
 class TrainerSteps:
-  """The trainer's own step (trainer.steps.TrainSteps: loss with L2 and label smoothing,
-  gradient norms, NaN guard, metric sums, SGD) on the state trainer.state builds, fed one
-  in-memory uint8 batch; calls of the trainer's steps per execution (1 on CPU)."""
+  """The trainer's own step, built as the trainer builds it (trainer.training.build_training:
+  loss with L2 and label smoothing, one all-reduce, gradient norms, NaN guard, metric sums,
+  SGD), fed one in-memory uint8 batch; calls of the trainer's steps per execution (1 on
+  CPU)."""
 
   def __init__(self, precision: str | None = None):
-    import numpy as np
-    import tensorflow as tf
-    from trainer import config as config_lib, distribute, schedule, state, steps, train
+    from trainer import config as config_lib, distribute, hardware, schedule, training
     config = config_lib.Config(
         depth=FLAGS.depth, plain=FLAGS.plain, stem=FLAGS.stem, data_source="synthetic",
         epochs=1, steps_per_epoch=10**6, global_batch_size=FLAGS.global_batch_size,
@@ -39,22 +38,17 @@ class TrainerSteps:
         strategy=FLAGS.strategy, cpu_devices=FLAGS.cpu_devices,
         steps_per_execution=FLAGS.steps_per_execution)
     strategy = distribute.make_strategy(config.strategy)
-    hardware = train.resolve_hardware(config, strategy)
     plan = schedule.make_plan(config, replicas=strategy.num_replicas_in_sync,
                               num_train=FLAGS.global_batch_size * 10**6,
                               num_eval=FLAGS.global_batch_size)
-    self.state = state.build_state(config, strategy, 10, plan, hardware.precision)
-    self.steps = steps.TrainSteps(config, strategy, self.state, 10, hardware.jit_compile)
-    self.per_call = hardware.steps_per_execution
+    built = training.build_training(config, strategy, plan,
+                                    hardware.resolve(config, strategy), num_classes=10)
+    self.state, self.steps = built.state, built.steps
+    self.per_call = built.hardware.steps_per_execution
     self.parameters = trainable_parameters(self.state.model)
-    self.precision, self.jit_compile = hardware.precision, hardware.jit_compile
+    self.precision, self.jit_compile = built.hardware.precision, built.hardware.jit_compile
     self.compute_dtype = self.state.model.get_layer("stem_conv").compute_dtype
-    rng = np.random.default_rng(0)
-    per_replica = plan.per_replica_batch_size
-    batch = (rng.integers(0, 256, (per_replica, 32, 32, 3), dtype=np.uint8),
-             rng.integers(0, 10, (per_replica,), dtype=np.int32))
-    self.iterator = iter(strategy.distribute_datasets_from_function(
-        lambda context: tf.data.Dataset.from_tensors(batch).repeat()))
+    self.iterator = training.fixed_batches(strategy, plan.per_replica_batch_size, 10)
     self.step = 0
 
   def window(self, steps: int) -> float:
