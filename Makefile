@@ -10,7 +10,7 @@ DATA ?= $(if $(DATA_DIR),folder,tfds)
 DEPTH ?= 20
 ARGS ?=
 
-.PHONY: setup train test
+.PHONY: setup train test test-fast
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,11 @@ train: setup
 # process took 1580-1650 s (tests/ has 503).
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# The in-process tests of the pieces: every test not marked `process` (none starts the
+# trainer, a script or another program; tests/conftest.py fails one that does). For a quick
+# check while editing; `make test` (what CI runs) stays the whole suite. On the 2-core AMD
+# EPYC VM (AVX-512), 2026-12-07, `time make test-fast` with .venv set up: 171 s wall
+# (331 of 544 tests: 330 passed, 1 skipped as root).
+test-fast: setup
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not process" tests

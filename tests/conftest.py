@@ -1,6 +1,8 @@
 """Shared test set-up: two logical CPU devices (for MirroredStrategy tests), quiet TF logs,
-and the helpers several test files use (import them: `from conftest import run_main`)."""
+the helpers several test files use (import them: `from conftest import run_main`), and the
+`process` marker with the guard that holds it (see "The process marker" below)."""
 
+import _posixsubprocess
 import contextlib
 import functools
 import json
@@ -11,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 
 import numpy as np
@@ -32,6 +35,145 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_FLAGS = ["--depth=8", "--data_source=synthetic", "--global_batch_size=16",
               "--steps_per_epoch=4", "--eval_steps=2", "--log_every_steps=1"]
 CLASSES = [f"class{i}" for i in range(10)]
+
+
+# The process marker: `make test-fast` runs `-m "not process"`.
+#
+# A test marked `process` starts the trainer, a script or another program as a process
+# (signals, exit codes, workers, Slurm, documented commands). Any other test that starts
+# one fails with PROCESS_MESSAGE, so the fast lane cannot quietly grow slow again: while a
+# test runs (set-up, call and tear-down: its fixtures included), every way CPython starts a
+# process is wrapped. Only processes the project's own code asks for count (the nearest
+# caller outside the standard library is a file of this repo): a library that shells out on
+# its own (matplotlib's font cache runs fc-list on a fresh machine, ctypes.util runs
+# ldconfig) would otherwise fail an unmarked test on one machine and not on another.
+# pytest-xdist starts its workers before any test, outside the guard.
+
+PROCESS_MESSAGE = "this test starts a process: mark it @pytest.mark.process"
+_STDLIB = pathlib.Path(sysconfig.get_paths()["stdlib"])
+_VENV = pathlib.Path(sys.prefix)  # the venv's site-packages may lie inside the repo
+_current_item: pytest.Item | None = None
+_fixtures_being_set_up: list = []
+_PROCESS_FIXTURES: set = set()  # FixtureDefs that started a process while being set up
+_VIOLATIONS = pytest.StashKey[list[str]]()
+_GUARD_CODES: set = set()
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "process: starts the trainer, a script or another program as a process "
+      "(signals, exit codes, workers, Slurm, documented commands); make test-fast "
+      "leaves these out, and tests/conftest.py fails any other test that starts one")
+
+
+def _project_caller() -> str | None:
+  """"file:line in function" of the project code that asked for the process being started,
+  or None when a library (not the standard library) asked for it on its own."""
+  frame = sys._getframe(2)
+  while frame is not None:
+    name = frame.f_code.co_filename
+    path = pathlib.Path(name)
+    library = "site-packages" in path.parts or path.is_relative_to(_VENV)
+    # "<frozen os>" and the like are the standard library's too.
+    standard = name.startswith("<") or path.is_relative_to(_STDLIB) and not library
+    if frame.f_code not in _GUARD_CODES and not standard:
+      if path.is_relative_to(REPO) and not library:
+        return f"{path.relative_to(REPO)}:{frame.f_lineno} in {frame.f_code.co_name}"
+      return None
+    frame = frame.f_back
+  return None
+
+
+def _guarded(start, describe):
+  """`start` (a function that starts a process), failing an unmarked test that calls it."""
+  @functools.wraps(start)
+  def guarded(*args, **kwargs):
+    item = _current_item
+    caller = _project_caller() if item is not None else None
+    if caller is not None:
+      # A fixture being set up now starts a process: each test that uses it is a process
+      # test, including those that find it already set up (module and session scope).
+      _PROCESS_FIXTURES.update(_fixtures_being_set_up)
+      if item.get_closest_marker("process") is None:
+        message = f"{PROCESS_MESSAGE} (started {describe(args, kwargs)} from {caller})"
+        # Recorded too, so that the test fails even if the code under test swallows the
+        # error or starts the process in a thread of its own.
+        item.stash.setdefault(_VIOLATIONS, []).append(message)
+        pytest.fail(message, pytrace=False)
+    return start(*args, **kwargs)
+
+  _GUARD_CODES.add(guarded.__code__)
+  return guarded
+
+
+def _command(args, kwargs) -> str:
+  argv = args[1] if len(args) > 1 else kwargs.get("args")
+  words = [str(argv)] if isinstance(argv, (str, bytes, os.PathLike)) else list(map(str, argv))
+  # One line, however long a `python -c` script it carries.
+  command = " ".join(" ".join(words).split())
+  return command if len(command) <= 160 else command[:157] + "..."
+
+
+def _install_process_guard() -> None:
+  """Wraps the process starters: Popen (subprocess.run, check_output, os.popen), fork
+  (multiprocessing's fork start, os.spawn*, pty), posix_spawn, system, and fork_exec
+  (multiprocessing's spawn and forkserver starts)."""
+  subprocess.Popen._execute_child = _guarded(subprocess.Popen._execute_child, _command)
+  for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system"):
+    setattr(os, name, _guarded(getattr(os, name), lambda args, kwargs, name=name:
+                               f"os.{name}{tuple(map(str, args))[:2]}"))
+  _posixsubprocess.fork_exec = _guarded(_posixsubprocess.fork_exec,
+                                        lambda args, kwargs: "_posixsubprocess.fork_exec")
+
+
+_install_process_guard()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item):
+  global _current_item
+  _current_item = item
+  try:
+    yield
+  finally:
+    _current_item = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef):
+  _fixtures_being_set_up.append(fixturedef)
+  try:
+    yield
+  finally:
+    _fixtures_being_set_up.pop()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+  """Fails an unmarked test that uses a fixture which started a process for an earlier test
+  (it does not start one again here)."""
+  if item.get_closest_marker("process") is not None:
+    return
+  # name2fixturedefs: the fixture definitions this test resolved, the last one in use
+  # (pytest's own attribute; only test functions have it).
+  fixture_info = getattr(item, "_fixtureinfo", None)
+  for name, definitions in (fixture_info.name2fixturedefs if fixture_info else {}).items():
+    if definitions and definitions[-1] in _PROCESS_FIXTURES:
+      message = f"{PROCESS_MESSAGE} (its fixture {name!r} starts one)"
+      item.stash.setdefault(_VIOLATIONS, []).append(message)
+      pytest.fail(message, pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  outcome = yield
+  report = outcome.get_result()
+  # Each phase's report takes the violations of its own phase only.
+  violations = item.stash.get(_VIOLATIONS, [])
+  item.stash[_VIOLATIONS] = []
+  if violations and report.passed:
+    report.outcome = "failed"
+    report.longrepr = "\n".join(violations)
 
 
 # Devices.

@@ -150,6 +150,7 @@ def test_half_inputs_reach_the_fused_kernel_in_their_own_dtype(policy, dtype):
     keras.mixed_precision.set_global_policy("float32")
 
 
+@pytest.mark.process
 def test_bfloat16_on_a_cpu_without_avx512_normalises_in_float32():
   # oneDNN's bfloat16 batch norm needs AVX-512 and raises without it, though TensorFlow
   # registers the kernel; ONEDNN_MAX_CPU_ISA=AVX2 makes any x86 CPU one without.

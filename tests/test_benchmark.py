@@ -10,6 +10,9 @@ import pytest
 
 from conftest import REPO, skip_unless_cpu_runs
 
+# Every test runs a script of scripts/ (and through it the trainer) as a process.
+pytestmark = pytest.mark.process
+
 
 def _benchmark(*args: str) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "scripts/benchmark.py", *args], cwd=REPO,

@@ -16,6 +16,7 @@ from conftest import (REPO, TINY_FLAGS, Run, checkpoint_weights, planned_batches
                       skip_unless_cpu_runs)
 
 
+@pytest.mark.process
 def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(tmp_path):
   args = ["--epochs=3", "--deterministic", "--checkpoint_every_steps=1"]
   reference = tmp_path / "reference"
@@ -45,6 +46,7 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
 
 
+@pytest.mark.process
 def test_a_default_run_killed_mid_epoch_resumes_on_the_uninterrupted_runs_batches(
     tmp_path, image_folder):
   """Not --deterministic: the data seed is drawn when the run starts and kept, and the
@@ -75,6 +77,7 @@ def test_a_default_run_killed_mid_epoch_resumes_on_the_uninterrupted_runs_batche
     assert sorted(pipeline.decode_example_ids(np.array(ids))[0]) == list(range(40))
 
 
+@pytest.mark.process
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
   model_dir = tmp_path / "run"
   assert run_main(*TINY_FLAGS, "--epochs=2", f"--model_dir={model_dir}").returncode == 0
@@ -92,6 +95,7 @@ def _snapshot(directory: pathlib.Path) -> dict[str, tuple[int, int]]:
           for p in directory.rglob("*") if p.is_file()}
 
 
+@pytest.mark.process
 def test_different_architecture_is_refused_and_nothing_changes(tmp_path):
   model_dir = tmp_path / "run"
   assert run_main(*TINY_FLAGS, "--epochs=1", f"--model_dir={model_dir}").returncode == 0
@@ -118,6 +122,7 @@ def test_different_architecture_is_refused_and_nothing_changes(tmp_path):
   assert json.loads((model_dir / "metrics.json").read_text())["resumed_from_step"] == 0
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("under, message", [
     ("/run", "is not writable: Not a directory"),
     ("", "is a file, not a directory"),
@@ -143,6 +148,7 @@ def test_full_disk_fails_before_training(tmp_path, monkeypatch):
   assert not (tmp_path / "run" / "config.json").exists()
 
 
+@pytest.mark.process
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
   model_dir = tmp_path / "run"
   assert run_main(*TINY_FLAGS, "--epochs=1", f"--model_dir={model_dir}").returncode == 0
@@ -182,6 +188,7 @@ def test_a_failing_worker_removes_its_scratch_dir(tmp_path, monkeypatch):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("which", ["latest", "best"])
 def test_eval_mode_reproduces_what_the_run_measured_for_that_checkpoint(finished_run, which):
   # latest: the final model, whose test metrics (over the whole test split) are
@@ -214,6 +221,7 @@ def test_eval_mode_reproduces_what_the_run_measured_for_that_checkpoint(finished
   assert evaluated["test_loss"] == pytest.approx(measured["loss"], rel=1e-6)
 
 
+@pytest.mark.process
 def test_eval_mode_with_flip_reports_it(finished_run):
   result = run_main(*TINY_FLAGS, "--mode=eval", "--eval_flip", f"--model_dir={finished_run}")
   assert result.returncode == 0, result.stderr[-3000:]
@@ -222,6 +230,7 @@ def test_eval_mode_with_flip_reports_it(finished_run):
   assert f"flip accuracy {metrics['test_flip_accuracy']:.4f}" in result.stdout
 
 
+@pytest.mark.process
 def test_eval_mode_under_another_precision_reads_the_same_weights(finished_run):
   # A float32 run evaluated under mixed_float16, whose optimizer has a loss scale the
   # checkpoint lacks: evaluation restores the model and its average, not the optimizer.
@@ -236,6 +245,7 @@ def test_eval_mode_under_another_precision_reads_the_same_weights(finished_run):
       metrics["float32"]["test_loss"], rel=1e-2)  # float16 activations round to 1e-3
 
 
+@pytest.mark.process
 def test_eval_and_export_without_checkpoint_fail_clearly(tmp_path):
   for mode in ("eval", "export"):
     result = run_main(*TINY_FLAGS, f"--mode={mode}", f"--model_dir={tmp_path / 'empty'}")
@@ -243,6 +253,7 @@ def test_eval_and_export_without_checkpoint_fail_clearly(tmp_path):
     assert "no checkpoint" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.process
 def test_export_round_trip_in_a_fresh_process(finished_run, tmp_path):
   result = run_main(*TINY_FLAGS, "--mode=export", "--checkpoint=latest",
                     f"--model_dir={finished_run}", f"--export_dir={tmp_path / 'export'}")

@@ -309,6 +309,7 @@ def data_dir(image_folder) -> pathlib.Path:
   return image_folder(train=TRAIN_PER_CLASS, test=TEST_PER_CLASS)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("case", CASES, ids=[case_id(case) for case in CASES])
 def test_every_combination_holds_the_invariants(case, data_dir, tmp_path, record_property):
   record_property("case", case_id(case))

@@ -22,6 +22,7 @@ FLOAT_FIELDS = ("learning_rate", "warmup_epochs", "momentum", "weight_decay",
                 "label_smoothing", "clipnorm", "ema_decay", "bn_momentum")
 
 
+@pytest.mark.process
 def test_building_and_rejecting_configs_loads_neither_tensorflow_nor_keras():
   # A fresh interpreter: this test process has TensorFlow loaded by conftest.py.
   code = textwrap.dedent("""

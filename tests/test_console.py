@@ -29,6 +29,7 @@ def run(tmp_path_factory) -> tuple[pathlib.Path, subprocess.CompletedProcess]:
   return model_dir, result
 
 
+@pytest.mark.process
 def test_the_console_shows_messages_without_absl_prefixes_and_train_log_keeps_them(run):
   model_dir, result = run
   lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -41,6 +42,7 @@ def test_the_console_shows_messages_without_absl_prefixes_and_train_log_keeps_th
   assert any(ABSL_PREFIX.match(line) and "epoch 2.00 step 6/6 loss " in line for line in log)
 
 
+@pytest.mark.process
 def test_a_run_whose_steps_all_ran_in_the_untimed_first_call_shows_no_speed(tmp_path):
   """The first call into TensorFlow (its tracing) is not timed; here it runs every step.
   The log line and the done line said "nan images/s eta ?" and "nan training images/s"."""
@@ -59,6 +61,7 @@ def test_a_run_whose_steps_all_ran_in_the_untimed_first_call_shows_no_speed(tmp_
       "images_per_second"] is None
 
 
+@pytest.mark.process
 def test_the_settings_are_a_short_grouped_block(run):
   _, result = run
   block = result.stderr[result.stderr.index("settings:"):].splitlines()[:6]
@@ -74,6 +77,7 @@ def test_every_setting_is_in_one_of_the_groups():
   assert sorted(grouped) == sorted(config_lib.Config.__dataclass_fields__)
 
 
+@pytest.mark.process
 def test_eval_and_export_need_nothing_but_the_run_dir(run, tmp_path):
   model_dir, _ = run
   evaluated = trainer("--mode=eval", f"--model_dir={model_dir}", cwd=tmp_path)
@@ -94,6 +98,7 @@ def test_eval_and_export_need_nothing_but_the_run_dir(run, tmp_path):
   assert (tmp_path / "export" / "model.keras").exists()
 
 
+@pytest.mark.process
 def test_eval_of_a_run_dir_without_config_json_names_the_settings_standing_in(run, tmp_path):
   model_dir, _ = run
   copy = tmp_path / "r8"
@@ -106,6 +111,7 @@ def test_eval_of_a_run_dir_without_config_json_names_the_settings_standing_in(ru
           "--data_source=synthetic; pass the run's own if they differ") in result.stderr
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("flag, needle", [
     ("--depth=20", "--depth=20 (the run in "),
     ("--plain", "--plain=True (the run in "),
@@ -120,6 +126,7 @@ def test_an_architecture_flag_that_contradicts_the_run_is_refused(run, flag, nee
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.process
 def test_help_leads_with_usage_groups_the_flags_and_exits_0():
   result = trainer("--help")
   assert result.returncode == 0, result.stderr
@@ -131,6 +138,7 @@ def test_help_leads_with_usage_groups_the_flags_and_exits_0():
   assert "  --depth (default: 50)" in result.stdout
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("arg", ["--helpfull", "-helpfull", "--helpfull=true"])
 def test_helpfull_lists_absls_own_flags_too_and_exits_0(arg):
   result = trainer(arg)  # absl's own --helpfull exits 1, in each of these spellings.
@@ -140,6 +148,7 @@ def test_helpfull_lists_absls_own_flags_too_and_exits_0(arg):
     assert flag in result.stdout
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("arg, reason, help_start", [
     # A Keras user's fraction: absl said "invalid literal for int() with base 10: '0.1'".
     ("--validation_split=0.1", "not a whole number", "Hold out this many training images"),
@@ -171,6 +180,7 @@ SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("*.py")
                  if "app.run(" in p.read_text())
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_exits_0_on_help_and_2_with_error_on_a_bad_flag(script):
   # absl's own: --help exits 1, and a bad flag prints "FATAL Flags parsing error", exit 1.
@@ -185,6 +195,7 @@ def test_every_script_exits_0_on_help_and_2_with_error_on_a_bad_flag(script):
   assert result.stderr.startswith("error: Unknown command line flag 'no_such_flag'")
 
 
+@pytest.mark.process
 def test_a_warm_up_covering_the_whole_run_is_warned_about(run):
   _, result = run  # fast recipe: 2 warm-up epochs, and the run has 2 epochs.
   assert ("warning: the learning-rate warm-up (6 steps, --warmup_epochs=2) covers the whole "

@@ -63,6 +63,7 @@ def test_auto_on_a_cpu_only_machine_is_the_default_strategy():
   assert distribute.make_strategy("auto") is tf.distribute.get_strategy()
 
 
+@pytest.mark.process
 def test_cpu_devices_that_the_strategy_does_not_use_are_warned_about(tmp_path):
   # --strategy=auto on a CPU is the default strategy: one replica, whatever --cpu_devices.
   for strategy, warned in (("auto", True), ("mirrored", False)):
@@ -98,6 +99,7 @@ def test_impossible_strategies_raise_distribution_error(kwargs, message):
     distribute.make_strategy(**kwargs)
 
 
+@pytest.mark.process
 def test_a_tpu_address_where_none_answers_ends_at_the_peer_timeout_with_a_message(tmp_path):
   """Initialising a remote TPU waits without limit (it hung here); a name off Google Cloud
   is a lookup error (it was a URLError traceback). Neither writes anything."""
@@ -133,6 +135,7 @@ def test_precision_and_xla_auto_on_cpu_and_explicit_values_honoured():
     assert distribute.resolve_steps_per_execution(25, strategy) == 25
 
 
+@pytest.mark.process
 def test_a_precision_this_cpu_cannot_run_is_refused_before_anything_is_written(
     tmp_path, finished_run):
   # oneDNN's half-precision convolutions need AVX-512 on many CPUs; ONEDNN_MAX_CPU_ISA=AVX2
@@ -266,6 +269,7 @@ def test_mirrored_on_two_cpus_follows_the_default_strategy_loss_trajectory(
   assert default[-3:].mean() < default[:3].mean() - 0.2  # It did learn something.
 
 
+@pytest.mark.process
 def test_xla_with_sync_batch_norm_on_cpu_replicas_is_refused_before_anything_is_written(
     tmp_path):
   """The synchronised batch norm all-reduces inside the step XLA compiles, which
@@ -302,6 +306,7 @@ def mixed_precision_runs(tmp_path_factory, learnable_folder) -> dict[str, dict]:
           for precision, run in runs.items()}
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_with_xla_under_mirrored_trains(mixed_precision_runs, precision):
   result = mixed_precision_runs[precision]
@@ -386,6 +391,7 @@ def two_workers(tmp_path_factory, learnable_folder) -> dict:
   return {"runs": runs, "ports": ports, "model_dir": model_dir, "scratch_roots": scratch_roots}
 
 
+@pytest.mark.process
 def test_two_local_workers_finish_and_only_the_chief_writes(two_workers):
   runs, model_dir = two_workers["runs"], two_workers["model_dir"]
   for index, run in enumerate(runs):
@@ -411,6 +417,7 @@ def test_two_local_workers_finish_and_only_the_chief_writes(two_workers):
   assert not any(scratch_root.iterdir())
 
 
+@pytest.mark.process
 def test_two_local_workers_draw_one_data_seed_and_share_it(two_workers):
   """Not --deterministic: the seed is drawn once, by the chief, and every worker's input
   pipeline slices the same permutation with it (else they would train on overlapping
@@ -420,11 +427,13 @@ def test_two_local_workers_draw_one_data_seed_and_share_it(two_workers):
   assert len(seeds[0]) == 1 and seeds[0] == seeds[1], seeds
 
 
+@pytest.mark.process
 def test_two_local_workers_end_with_identical_trainable_weights(two_workers):
   digests = [probe_lines(run.stdout, "trainable") for run in two_workers["runs"]]
   assert len(digests[0]) == 1 and digests[0] == digests[1], digests  # Bit for bit.
 
 
+@pytest.mark.process
 def test_two_local_workers_end_with_identical_batch_norm_statistics(two_workers):
   digests = [probe_lines(run.stdout, "non_trainable") for run in two_workers["runs"]]
   assert len(digests[0]) == 1 and digests[0] == digests[1], digests
@@ -481,6 +490,7 @@ def error_runs(tmp_path_factory) -> dict[str, tuple[Run, pathlib.Path]]:
   return runs
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("case", list(ERROR_CASES))
 def test_bad_distribution_settings_fail_clearly_and_write_nothing(error_runs, case):
   run, model_dir = error_runs[case]
@@ -491,6 +501,7 @@ def test_bad_distribution_settings_fail_clearly_and_write_nothing(error_runs, ca
   assert not model_dir.exists()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("index", [0, 1])
 def test_a_worker_whose_peer_never_comes_up_fails_in_bounded_time(error_runs, index):
   run, model_dir = error_runs[f"peer_never_up_{index}"]
@@ -506,6 +517,7 @@ def test_a_worker_whose_peer_never_comes_up_fails_in_bounded_time(error_runs, in
   assert not model_dir.exists()
 
 
+@pytest.mark.process
 def test_launcher_stops_the_other_workers_when_one_fails(error_runs):
   run, model_dir = error_runs["launcher"]
   output = run.stdout
@@ -522,6 +534,7 @@ def test_launcher_stops_the_other_workers_when_one_fails(error_runs):
   assert not model_dir.exists()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("launcher, trainer, message", [
     ("--ports=70000,70001", "--depth=8",
      "--ports needs 2 port numbers (1-65535), got 70000,70001"),
@@ -559,6 +572,7 @@ def wait_until_training(runs: list[Run]) -> None:
     time.sleep(0.5)
 
 
+@pytest.mark.process
 def test_a_peer_lost_mid_run_ends_the_chief_with_a_clear_message(tmp_path):
   """SIGKILL worker 1 once both train: the chief's next collective fails, and it says so."""
   runs = two_long_workers(tmp_path)
@@ -579,6 +593,7 @@ def test_a_peer_lost_mid_run_ends_the_chief_with_a_clear_message(tmp_path):
       run.kill()
 
 
+@pytest.mark.process
 def test_sigterm_stops_both_workers_even_though_tensorflow_installs_its_own_handler(
     tmp_path):
   """The coordination service's preemption notifier would swallow SIGTERM; main takes it

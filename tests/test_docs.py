@@ -52,6 +52,7 @@ def documented_flags() -> list[tuple[str, list[tuple[str, str]]]]:
   return [(group, rows) for group, rows in groups if rows]
 
 
+@pytest.mark.process
 def test_flags_page_lists_each_trainer_flag_once_in_the_help_groups():
   from absl import flags
   from trainer import main as main_lib
@@ -87,6 +88,7 @@ def test_each_documented_default_is_the_flags_real_default():
         assert flag.parser.parse(written.group(1)) == flag.default, f"--{name}: {cell}"
 
 
+@pytest.mark.process
 def test_help_and_flags_page_state_the_l2_convention_and_what_seed_seeds():
   result = run_main("--help", timeout=60)
   page = FLAGS_PAGE.read_text()
@@ -170,7 +172,8 @@ def documented_commands() -> list[tuple[str, str]]:
 # Not run here, and why.
 NOT_RUN = [
     (r"^make train", "trains ResNet-20 for 30 epochs on all of CIFAR-10: hours on a CPU"),
-    (r"^make test", "the whole test suite (about 15-20 minutes; it runs this module too)"),
+    (r"^make test", "the test suite, whole (about 15-25 minutes) or its in-process part "
+     "(about 3): it runs this module too"),
     (r"cifar10-jpeg|--data_dir=DIR", "reads the 60,000-image CIFAR-10 copy (or a "
      "placeholder DIR) and trains on it for hours"),
     (r"^tensorboard ", "a web server that runs until it is stopped"),
@@ -244,6 +247,7 @@ EXPORT = "python -m trainer.main --mode=export --model_dir=runs/r20"
 NEEDS = {"python scripts/predict.py runs/r20/export cat.png more_images/ --top_k=3": EXPORT}
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("command", [c for c in RUN if c != SMOKE_RUN])
 def test_documented_command_runs_as_written(scratch, command):
   if command in NEEDS and not (scratch / "runs" / "r20" / "export").exists():
@@ -253,6 +257,7 @@ def test_documented_command_runs_as_written(scratch, command):
   assert RUN[command] in result.stdout, f"{command}\n{result.stdout[-3000:]}"
 
 
+@pytest.mark.process
 def test_readme_smoke_run_finishes_and_writes_its_metrics(scratch):
   metrics = json.loads((scratch / "runs" / "smoke" / RUN[SMOKE_RUN]).read_text())
   assert metrics["steps"] == 20 and metrics["epochs"] == 2

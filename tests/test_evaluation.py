@@ -70,6 +70,7 @@ def test_the_ema_is_the_hand_computed_average_and_differs_from_the_weights(tmp_p
   assert outcome.metrics["test_ema_loss"] != outcome.metrics["test_loss"]
 
 
+@pytest.mark.process
 def test_final_metrics_cover_the_whole_test_split_whatever_eval_steps_capped(
     tmp_path, image_folder):
   """--eval_steps caps the per-epoch evaluations only. Before 2026-12-07 metrics.json's

@@ -41,6 +41,7 @@ def read_csv(path) -> list[dict]:
     return list(csv.DictReader(f))
 
 
+@pytest.mark.process
 def test_study_writes_runs_curves_figure_and_table(study):
   out, result = study
   assert "start plain-8" in result.stdout and "finished ResNet-8" in result.stdout
@@ -75,6 +76,7 @@ def test_study_writes_runs_curves_figure_and_table(study):
   assert "--depths=8" in results and "synthetic" in results
 
 
+@pytest.mark.process
 def test_rerun_reuses_finished_runs(study):
   out, _ = study
   metrics = [out / name / "metrics.json" for name in ("plain-8", "resnet-8")]
@@ -91,6 +93,7 @@ def test_rerun_reuses_finished_runs(study):
   assert len(read_csv(out / "curves.csv")) == 4
 
 
+@pytest.mark.process
 def test_rerun_with_other_settings_refuses_to_mix_schedules(study):
   out, _ = study
   args = [a for a in TINY if not a.startswith("--epochs")]
@@ -100,6 +103,7 @@ def test_rerun_with_other_settings_refuses_to_mix_schedules(study):
   assert "start " not in result.stdout
 
 
+@pytest.mark.process
 def test_plot_runs_from_history_and_from_event_files(study, tmp_path):
   out, _ = study
   # A copy without history.json: its curves must come from the TensorBoard event files.
@@ -130,6 +134,7 @@ def test_plot_runs_from_history_and_from_event_files(study, tmp_path):
   assert "Several" not in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.process
 def test_plot_runs_draws_runs_from_a_curves_csv_beside_run_dirs(study, tmp_path):
   # For runs whose model dirs are gone: their curves.csv rows stand in for them.
   out, _ = study
@@ -217,6 +222,7 @@ def test_a_curves_csv_gives_only_the_runs_named(tmp_path):
     experiment_runs.load_curves_csv(path, ["r9", "r8", "p14"])
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("outputs, message", [
     (["--output={tmp}/figure.txt"], "--output={tmp}/figure.txt: a figure file name ending "
                                     "in one of .avif, .eps"),
@@ -250,6 +256,7 @@ def _write_rows(path, rows):
   return path
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("args, message", [
     (["--depths="], "error: --depths is empty: give one or more"),
     (["--depths=8", "--output_dir={tmp}/file.txt/out"],
@@ -291,6 +298,7 @@ def test_a_study_that_cannot_run_is_refused_with_error_and_exit_2(tmp_path, args
   assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.process
 def test_a_failed_run_is_summed_up_by_the_trainers_error_line(tmp_path):
   # A failure only the trainer finds (its settings are checked before the runs): a data
   # folder without class folders.
@@ -304,6 +312,7 @@ def test_a_failed_run_is_summed_up_by_the_trainers_error_line(tmp_path):
           "sub-folders); see " in results)
 
 
+@pytest.mark.process
 def test_failed_runs_are_reported_and_outputs_still_written(tmp_path):
   result = run_script("compare_plain_residual.py", "--depths=8", "--data_source=folder",
                       f"--data_dir={tmp_path / 'missing'}", "--epochs=1", "--parallel=2",
@@ -480,6 +489,7 @@ def test_results_table_per_run_accuracies_and_wall_time():
       "42 s", "1 min 01 s", "2 h 02 min"]
 
 
+@pytest.mark.process
 def test_plot_runs_draws_the_blog_style(tmp_path):
   for run in _blog_runs()[1:]:  # ResNets only: Figure 6 style would draw one panel.
     (tmp_path / run.name).mkdir()
@@ -599,6 +609,7 @@ def study_dry_run(*args: str) -> list[dict]:
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.process
 def test_blog_study_trains_the_origin_blogs_networks(tmp_path):
   from absl import flags
   from trainer import main as main_lib

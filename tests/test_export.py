@@ -105,6 +105,7 @@ def make_best(model_dir: pathlib.Path, step: int) -> None:
                                    f'all_model_checkpoint_paths: "ckpt-{step}"\n')
 
 
+@pytest.mark.process
 def test_export_of_a_run_without_validation_split_takes_the_last_checkpoint_not_best(
     trained_run, tmp_path):
   # best/ of such a run was chosen on the test split: exporting it by default would ship
@@ -132,6 +133,7 @@ def test_export_of_a_run_without_validation_split_takes_the_last_checkpoint_not_
           in result.stdout + result.stderr)
 
 
+@pytest.mark.process
 def test_export_of_a_run_with_validation_split_takes_the_best_by_validation(trained_run,
                                                                            tmp_path):
   config = json.loads((trained_run / "config.json").read_text())
@@ -186,6 +188,7 @@ def test_portable_build_gives_the_training_builds_logits(kwargs):
                              atol=1e-5 * np.abs(expected).max())
 
 
+@pytest.mark.process
 def test_export_serves_in_a_fresh_process_without_the_project(exported, trained_run,
                                                               tmp_path):
   images = random_images(3, seed=5)
@@ -236,6 +239,7 @@ json.dump({{"names": names, "class_id": served["class_id"].numpy().tolist(),
                                atol=export.TOLERANCE, err_msg=name)
 
 
+@pytest.mark.process
 def test_saved_model_cli_runs_the_default_signature_on_uint8_images(exported, trained_run,
                                                                     tmp_path):
   # TF Serving's REST predict without a signature_name, saved_model_cli and most clients
@@ -281,6 +285,7 @@ runpy.run_module("trainer.main", run_name="__main__", alter_sys=True)
   return result
 
 
+@pytest.mark.process
 def test_export_that_does_not_reproduce_its_logits_fails_and_leaves_nothing(trained_run,
                                                                              tmp_path):
   export_dir = tmp_path / "export"
@@ -300,6 +305,7 @@ export._reloaded_outputs = corrupted
   assert list(export_dir.iterdir()) == []  # no saved_model/, model.keras or staging dir
 
 
+@pytest.mark.process
 def test_export_that_tf_serving_could_not_load_fails_and_leaves_nothing(trained_run,
                                                                        tmp_path):
   # Without the tf.Variables tracked, tf.saved_model.load still works but TF Serving's
@@ -318,6 +324,7 @@ export._Serving.__init__ = untracked
   assert list(export_dir.iterdir()) == []
 
 
+@pytest.mark.process
 def test_export_dir_under_a_file_fails_clearly(trained_run, tmp_path):
   (tmp_path / "somefile").write_text("not a directory")
   result = run_main("--mode=export", "--depth=8", f"--model_dir={trained_run}",
@@ -343,6 +350,7 @@ def run_predict(*args: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
   return run_without_project(code, cwd)
 
 
+@pytest.mark.process
 def test_predict_prints_top_k_for_files_and_folders(exported, tmp_path):
   images = random_images(3, seed=7)
   write_png(tmp_path / "folder" / "a.png", images[0])
@@ -362,6 +370,7 @@ def test_predict_prints_top_k_for_files_and_folders(exported, tmp_path):
     assert match[1] != match[3] and float(match[2]) >= float(match[4])
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("case", ["missing export", "missing image", "no images",
                                   "undecodable image", "top_k not a number"])
 def test_predict_fails_clearly(exported, tmp_path, case):

@@ -412,6 +412,7 @@ def test_hidden_files_in_class_folders_are_ignored(tmp_path):
   assert train.num_examples == 9
 
 
+@pytest.mark.process
 def test_trainer_exits_2_with_the_message_on_bad_data(tmp_path):
   result = run_main("--data_source=folder", f"--data_dir={tmp_path / 'missing'}",
                     f"--model_dir={tmp_path / 'run'}", timeout=120)

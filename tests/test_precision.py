@@ -99,6 +99,7 @@ def test_a_long_auto_run_probes_before_its_state_and_trains_the_usual_variables(
 
 # Short and resumed runs.
 
+@pytest.mark.process
 def test_a_short_auto_run_on_cpu_records_float32_without_probing(tmp_path):
   model_dir = tmp_path / "run"
   result = run_main(*TINY_FLAGS, "--epochs=1", "--precision=auto",

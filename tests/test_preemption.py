@@ -10,7 +10,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO, free_ports
+
+# Its test runs a cluster of trainer processes and signals one of them.
+pytestmark = pytest.mark.process
 
 TIMEOUT = 240
 

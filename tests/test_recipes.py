@@ -117,6 +117,7 @@ def test_weight_decay_only_on_kernels():
   assert len(decayed) == sum(1 for layer in model.layers if hasattr(layer, "kernel"))
 
 
+@pytest.mark.process
 def test_learning_rate_schedule_survives_resume(tmp_path):
   args = ["--depth=8", "--data_source=synthetic", "--global_batch_size=16",
           "--steps_per_epoch=4", "--eval_steps=1", "--epochs=3", "--warmup_epochs=1",

@@ -12,6 +12,9 @@ import tensorflow as tf
 from conftest import (REPLICA_TOLERANCE, Run, change_errors, checkpoint_tensors, cpu_runs,
                       finish, free_ports, logged, skip_unless_cpu_runs, tf_config)
 
+# Every test compares trainer runs, each a process of its own.
+pytestmark = pytest.mark.process
+
 TIMEOUT = 300
 STEPS = 6
 # depth 8 on 160 random images (a small folder: little to load and evaluate), a global

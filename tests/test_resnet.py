@@ -411,6 +411,7 @@ def _summary(*args: str) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.process
 def test_model_summary_prints_json_last():
   result = _summary("--depth=20", "--plain")
   assert result.returncode == 0, result.stderr

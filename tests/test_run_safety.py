@@ -71,6 +71,7 @@ def copy_run(source: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
 
 # Never save a diverged model.
 
+@pytest.mark.process
 def test_a_diverging_run_saves_only_finite_checkpoints_and_resumes_from_the_named_one(
     tmp_path):
   model_dir = tmp_path / "run"
@@ -107,6 +108,7 @@ def test_weights_that_become_inf_while_the_loss_stays_finite_stop_the_run(
 
 # A damaged or missing checkpoint index never restarts a run from zero.
 
+@pytest.mark.process
 @pytest.mark.parametrize("damage", ["garbage", "deleted"])
 def test_a_damaged_index_resumes_from_the_newest_checkpoint_file(finished_run, tmp_path,
                                                                  damage):
@@ -126,6 +128,7 @@ def test_a_damaged_index_resumes_from_the_newest_checkpoint_file(finished_run, t
   assert json.loads((model_dir / "metrics.json").read_text())["resumed_from_step"] == 6
 
 
+@pytest.mark.process
 def test_unrestorable_checkpoints_refuse_the_run_and_write_nothing(finished_run, tmp_path):
   model_dir = copy_run(finished_run, tmp_path / "run")
   (model_dir / "checkpoints" / "checkpoint").unlink()
@@ -148,6 +151,7 @@ def wait_for(path: pathlib.Path, process: subprocess.Popen, timeout: float = 120
     time.sleep(0.2)
 
 
+@pytest.mark.process
 def test_a_second_trainer_is_refused_and_a_killed_ones_lock_is_taken_over(tmp_path):
   model_dir = tmp_path / "run"
   args = [*TINY, "--steps_per_epoch=3", "--epochs=1000", f"--model_dir={model_dir}"]
@@ -189,6 +193,7 @@ def test_the_lock_is_released_when_the_run_fails(tmp_path):
 
 # Every failure a clear message, exit code 2 for user errors.
 
+@pytest.mark.process
 @pytest.mark.parametrize("name, content, needle", [
     ("config.json", "{not json", "config.json (the run's settings) is unreadable"),
     ("config.json", "[1, 2]", "holds list, not a JSON object"),
@@ -206,6 +211,7 @@ def test_malformed_run_files_are_one_line_errors(finished_run, tmp_path, name, c
   assert snapshot(model_dir) == before
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("mode, damage", [
     ("eval", "junk data"), ("export", "junk index"), ("eval", "no data"),
     ("export", "truncated data")])
@@ -227,6 +233,7 @@ def test_eval_and_export_of_a_damaged_checkpoint_say_it_is_damaged(finished_run,
                     "pick another with --checkpoint=PATH_PREFIX")
 
 
+@pytest.mark.process
 def test_eval_prints_its_result_before_failing_to_write_eval_json(finished_run, tmp_path):
   model_dir = copy_run(finished_run, tmp_path / "run")
   (model_dir / "eval.json").mkdir()  # Unwritable as a file, even for root.
@@ -253,6 +260,7 @@ def test_a_failed_save_names_the_last_good_checkpoint(tmp_path, monkeypatch):
     train.train_and_evaluate(config, tf.distribute.get_strategy())
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("flag, needle", [
     ("--depth=abc", "flag --depth=abc"),
     ("--detph=20", "Did you mean: depth"),
@@ -267,6 +275,7 @@ def test_flag_errors_use_the_trainers_format(tmp_path, flag, needle):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.process
 def test_too_many_logical_cpu_devices_are_refused_at_once(tmp_path):
   """--cpu_devices had no upper bound: 100,000 of them were still being created after
   90 s (each replica also traces its own copy of the step)."""
@@ -276,6 +285,7 @@ def test_too_many_logical_cpu_devices_are_refused_at_once(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("flag, needle", [
     ("--ema_decay=0.9", "--ema_decay: 0.0 (no moving-average variables) in"),
     ("--precision=mixed_float16", "--precision: float32 (no loss-scale variables)"),
@@ -289,6 +299,7 @@ def test_resuming_with_settings_that_change_the_variables_is_refused(finished_ru
   assert_user_error(result, "holds a run with different settings", needle)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("flag, needle", [
     ("--validation_split=32", "--validation_split: 0 in"),
     ("--lr_schedule=constant", "--lr_schedule: 'cosine' in"),
@@ -306,6 +317,7 @@ def test_resuming_with_another_data_split_or_schedule_is_refused_and_writes_noth
   assert snapshot(model_dir) == before
 
 
+@pytest.mark.process
 def test_resuming_on_other_data_is_refused_and_on_the_same_data_moved_continues(
     image_folder, tmp_path):
   import shutil
@@ -325,6 +337,7 @@ def test_resuming_on_other_data_is_refused_and_on_the_same_data_moved_continues(
   assert "continuing" in result.stderr and "--data_dir:" in result.stderr
 
 
+@pytest.mark.process
 def test_a_resume_inside_the_profiler_window_traces_the_rest_of_it(finished_run, tmp_path):
   # The run ended at step 6; the window 4-8 began before it (this was a traceback:
   # "No profiler is running", from stopping a trace that never started).
@@ -347,6 +360,7 @@ def test_deterministic_xla_on_the_imagenet_stem_is_refused_after_auto(monkeypatc
     hardware.resolve(config, tf.distribute.get_strategy())
 
 
+@pytest.mark.process
 def test_a_refused_run_leaves_no_empty_model_dir(tmp_path):
   model_dir = tmp_path / "new" / "run"
   result = trainer(*TINY, "--global_batch_size=7", "--cpu_devices=2", "--strategy=mirrored",
@@ -355,12 +369,14 @@ def test_a_refused_run_leaves_no_empty_model_dir(tmp_path):
   assert not model_dir.exists()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("model_dir", ["ram://run", "gs://bucket/run"])
 def test_a_model_dir_on_an_object_store_is_refused(model_dir):
   result = trainer(*TINY, f"--model_dir={model_dir}", timeout=120)
   assert_user_error(result, "object stores are not supported", "network file system")
 
 
+@pytest.mark.process
 def test_a_resumed_run_keeps_the_data_seed_it_drew_and_a_new_run_draws_another(tmp_path):
   """Not --deterministic: the data order's seed is drawn when a run starts and kept when
   it resumes, so an interrupted epoch goes on in its own order (another seed would repeat

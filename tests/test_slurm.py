@@ -103,6 +103,7 @@ def test_tf_config_wins_over_slurm(monkeypatch):
 
 # GPUs per task.
 
+@pytest.mark.process
 def test_tasks_sharing_a_node_split_its_gpus(monkeypatch, tmp_path):
   slurm_step(monkeypatch, 1)
   fake_nvidia_smi(monkeypatch, tmp_path, gpus=4)
@@ -125,6 +126,7 @@ def test_gpus_slurm_bound_to_each_task_are_left_alone(monkeypatch, visible, per_
   assert os.environ["CUDA_VISIBLE_DEVICES"] == visible
 
 
+@pytest.mark.process
 def test_one_task_per_node_uses_every_gpu_of_its_node(monkeypatch, tmp_path):
   slurm_step(monkeypatch, 1, nodelist="n[1-2]", tasks_per_node="1(x2)", node="n2")
   fake_nvidia_smi(monkeypatch, tmp_path, gpus=8)
@@ -209,6 +211,7 @@ def test_a_bad_slurm_environment_is_named(monkeypatch, case):
     distribute.resolve_cluster()
 
 
+@pytest.mark.process
 def test_a_failing_nvidia_smi_is_named(monkeypatch, tmp_path):
   slurm_step(monkeypatch, 0)
   fake_nvidia_smi(monkeypatch, tmp_path, gpus=2, status=9)
@@ -255,6 +258,7 @@ def two_free_ports() -> int:
   raise AssertionError("no two consecutive free ports")
 
 
+@pytest.mark.process
 def test_two_srun_tasks_train_together_without_tf_config(tmp_path):
   base = two_free_ports()
   model_dir = tmp_path / "run"  # Shared by both tasks, as on a cluster file system.

@@ -12,6 +12,9 @@ import time
 
 import pytest
 
+# Every test submits jobs to a real Slurm cluster (sbatch, scancel, the trainer).
+pytestmark = pytest.mark.process
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm" / "local_cluster.sh"
 SBATCH_FILE = REPO / "scripts" / "slurm" / "train.sbatch"

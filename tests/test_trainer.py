@@ -28,6 +28,7 @@ def small_args(model_dir, data_dir, epochs=1) -> list[str]:
           "--global_batch_size=8", "--log_every_steps=1"]
 
 
+@pytest.mark.process
 def test_entrypoint_trains_writes_outputs_and_resumes(tmp_path, image_folder):
   model_dir = tmp_path / "run"
   first = run_main(*small_args(model_dir, image_folder(), epochs=1), "--profile_steps=1,2")
@@ -71,6 +72,7 @@ def _profile_breakdown(path) -> subprocess.CompletedProcess:
                          "--steps=2"], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.process
 def test_profile_breakdown_names_the_parts_of_a_profiled_step(tmp_path):
   model_dir = tmp_path / "run"
   result = run_main(*TINY_FLAGS, "--epochs=1", "--profile_steps=1,3", f"--model_dir={model_dir}")
@@ -135,6 +137,7 @@ def test_run_training_returns_the_trained_model_its_last_checkpoint_holds(tmp_pa
     np.testing.assert_array_equal(saved[name], value, err_msg=name)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("flag, message", [
     ("--data_source=imagenet", "data_source"),
     ("--depth=37", "supported depths"),
@@ -216,6 +219,7 @@ def test_a_signal_while_importing_tensorflow_exits_with_a_message(
   assert error in capsys.readouterr().err
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("wrapped, code, error", [
     ("Terminated", 143, "error: terminated (SIGTERM); checkpoints in "),
     ("KeyboardInterrupt", 130, "error: interrupted; checkpoints in "),
@@ -245,6 +249,7 @@ runpy.run_module("trainer.main", run_name="__main__", alter_sys=True)
       "are intact: rerun the same command to resume from the last one"), last
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("signum, code, notice, error", [
     (signal.SIGINT, 130, "interrupt received: stopping", "error: interrupted; saved "),
     (signal.SIGTERM, 143, "SIGTERM received: stopping", "error: terminated (SIGTERM); saved "),
