@@ -24,8 +24,9 @@ train: setup
 	$(PY) -m trainer.main --depth=$(DEPTH) --data_source=$(DATA) $(if $(DATA_DIR),--data_dir=$(DATA_DIR)) --model_dir=runs/resnet$(DEPTH) $(ARGS)
 
 # Two test processes, each test file whole in one (its module fixtures run once, and the
-# real-Slurm tests one after another). On the 2-core Xeon VM, 2026-12-05: 920 s; one
-# process took 1580-1650 s (tests/ has 503).
+# real-Slurm tests one after another). On the 2-core AMD EPYC VM, 2026-12-07, a fresh
+# clone's `bash .ci/run` at 0582fc7: pytest 1445 s (539 tests); on the 2-core Xeon VM,
+# 2026-12-05: 920 s (503 tests).
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
