@@ -72,7 +72,7 @@ class Loop:
   def __init__(self, config: Config, strategy: tf.distribute.Strategy, training: Training,
                splits: data.Splits, checkpoints: run_dir.Checkpoints, place: RunPlace,
                stop_request: StopRequest | None):
-    self.config, self.strategy, self.training, self.splits = config, strategy, training, splits
+    self.training, self.splits = training, splits
     self.place, self.step = place, place.start_step
     plan, state = training.plan, training.state
     self.cadence = Cadence(plan.steps_per_epoch, plan.total_steps,
