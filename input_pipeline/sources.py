@@ -319,8 +319,7 @@ def load_folder(data_dir: str, split: str) -> Split:
 
 
 def load_splits(data_source: str, data_dir: str | None, seed: int = 0,
-                synthetic_examples: tuple[int, int] = (CIFAR10_TRAIN_EXAMPLES,
-                                                       CIFAR10_TEST_EXAMPLES)
+                synthetic_examples: tuple[int, int] | None = None
                 ) -> tuple[Split, Split]:
   """Loads the train and test splits of a source and checks they agree.
 
@@ -328,15 +327,15 @@ def load_splits(data_source: str, data_dir: str | None, seed: int = 0,
     data_source: "tfds", "folder" or "synthetic".
     data_dir: the source's directory (unused by synthetic).
     seed: seed of the synthetic source.
-    synthetic_examples: train and test sizes of the synthetic source.
+    synthetic_examples: train and test sizes of the synthetic source (default: CIFAR-10's).
   Returns:
     (train, test).
   Raises:
     DataError: when the data is missing or unusable.
   """
   if data_source == "synthetic":
-    return (load_synthetic(synthetic_examples[0], seed),
-            load_synthetic(synthetic_examples[1], seed + 1))
+    train, test = synthetic_examples or (CIFAR10_TRAIN_EXAMPLES, CIFAR10_TEST_EXAMPLES)
+    return load_synthetic(train, seed), load_synthetic(test, seed + 1)
   if data_source == "tfds":
     return load_tfds("train", data_dir), load_tfds("test", data_dir)
   if data_source == "folder":

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (REPO, TINY_FLAGS, Run, checkpoint_weights, planned_batches,
-                      recorded_batches, run_and_kill, run_main, wait_for,
+from conftest import (REPO, SMALL_SYNTHETIC, TINY_FLAGS, Run, checkpoint_weights,
+                      planned_batches, recorded_batches, run_and_kill, run_main, wait_for,
                       skip_unless_cpu_runs)
 
 
@@ -107,7 +107,8 @@ def test_different_architecture_is_refused_and_nothing_changes(tmp_path):
   assert "--overwrite" in result.stderr and "Traceback" not in result.stderr
   assert _snapshot(model_dir) == before
   # Refused before the data loads: data that cannot load does not hide the contradiction.
-  result = run_main(*TINY_FLAGS, "--epochs=1", "--plain=true", "--data_source=folder",
+  on_folder = [flag for flag in TINY_FLAGS if flag != SMALL_SYNTHETIC]
+  result = run_main(*on_folder, "--epochs=1", "--plain=true", "--data_source=folder",
                     f"--data_dir={tmp_path / 'missing'}", f"--model_dir={model_dir}")
   assert result.returncode == 2
   assert "holds a run with different settings" in result.stderr, result.stderr[-3000:]
@@ -141,6 +142,7 @@ def test_full_disk_fails_before_training(tmp_path, monkeypatch):
   monkeypatch.setattr(run_dir.shutil, "disk_usage",
                       lambda path: type("Usage", (), {"free": 1 << 20})())
   config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=16,
+                             synthetic_examples=(256, 60),
                              steps_per_epoch=2, epochs=1, model_dir=str(tmp_path / "run"))
   with pytest.raises(errors.RunDirError, match="MiB free"):
     train.train_and_evaluate(config, tf.distribute.get_strategy())
@@ -180,6 +182,7 @@ def test_a_failing_worker_removes_its_scratch_dir(tmp_path, monkeypatch):
   monkeypatch.setattr(distribute, "is_chief", lambda strategy: False)
   # It saves checkpoints in its scratch dir every step until the loss goes NaN.
   config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=16,
+                             synthetic_examples=(256, 60),
                              steps_per_epoch=4, eval_steps=2, epochs=3, learning_rate=1e30,
                              checkpoint_every_steps=1, model_dir=str(tmp_path / "run"))
   with pytest.raises(errors.TrainingError, match="NaN or Inf"):
@@ -200,10 +203,10 @@ def test_eval_mode_reproduces_what_the_run_measured_for_that_checkpoint(finished
   assert result.returncode == 0, result.stderr[-3000:]
   evaluated = json.loads((finished_run / "eval.json").read_text())
   assert f"test accuracy {evaluated['test_accuracy']:.4f}" in result.stdout
-  assert evaluated["split_examples"] == 10000
-  assert evaluated["examples"] == (32 if cap else 10000)  # --eval_steps=2 x 16
+  assert evaluated["split_examples"] == 60
+  assert evaluated["examples"] == (32 if cap else 60)  # --eval_steps=2 x 16
   run = json.loads((finished_run / "metrics.json").read_text())
-  assert run["test_examples"] == 10000
+  assert run["test_examples"] == 60
   if which == "latest":
     step, measured = run["steps"], {k[len("test_"):]: run[k] for k in ("test_accuracy",
                                                                         "test_loss")}

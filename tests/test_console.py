@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_main as trainer
+from conftest import REPO, SMALL_SYNTHETIC, run_main as trainer
 
 ABSL_PREFIX = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+\.py:\d+\]")
 # TensorFlow's C++ log, e.g. "E0000 00:00:1796031308.057040   31302 util.cc:131] ...".
@@ -22,8 +22,8 @@ CPP_LOG = re.compile(r"^[IWEF]\d{4} [\d:.]+ +\d+ \S+\.cc:\d+\]")
 def run(tmp_path_factory) -> tuple[pathlib.Path, subprocess.CompletedProcess]:
   """A tiny finished depth-8 run on a synthetic source (no flag of it is a default)."""
   model_dir = tmp_path_factory.mktemp("console") / "r8"
-  result = trainer("--depth=8", "--data_source=synthetic", "--global_batch_size=16",
-                   "--steps_per_epoch=3", "--epochs=2", "--eval_steps=2",
+  result = trainer("--depth=8", "--data_source=synthetic", SMALL_SYNTHETIC,
+                   "--global_batch_size=16", "--steps_per_epoch=3", "--epochs=2", "--eval_steps=2",
                    f"--model_dir={model_dir}")
   assert result.returncode == 0, result.stderr[-3000:]
   return model_dir, result
@@ -46,15 +46,15 @@ def test_the_console_shows_messages_without_absl_prefixes_and_train_log_keeps_th
 def test_a_run_whose_steps_all_ran_in_the_untimed_first_call_shows_no_speed(tmp_path):
   """The first call into TensorFlow (its tracing) is not timed; here it runs every step.
   The log line and the done line said "nan images/s eta ?" and "nan training images/s"."""
-  result = trainer("--depth=8", "--data_source=synthetic", "--global_batch_size=8",
-                   "--steps_per_epoch=2", "--epochs=1", "--eval_steps=1",
+  result = trainer("--depth=8", "--data_source=synthetic", SMALL_SYNTHETIC,
+                   "--global_batch_size=8", "--steps_per_epoch=2", "--epochs=1", "--eval_steps=1",
                    "--steps_per_execution=1000", f"--model_dir={tmp_path / 'run'}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "nan" not in result.stderr
   step = [line for line in result.stderr.splitlines() if " step 2/2 " in line]
   assert step and step[0].endswith(" (speed: the first call is not timed)"), step
   done = result.stdout.strip().splitlines()[-1]
-  assert re.fullmatch(r"done: resnet8 test accuracy \d\.\d{4} on all 10000 test images "
+  assert re.fullmatch(r"done: resnet8 test accuracy \d\.\d{4} on all 60 test images "
                       r"after 1\.0 epochs \(2 steps\) in \d+ s; metrics in .*metrics\.json",
                       done), done
   assert json.loads((tmp_path / "run" / "metrics.json").read_text())[
@@ -86,7 +86,7 @@ def test_eval_and_export_need_nothing_but_the_run_dir(run, tmp_path):
   assert "data_source=synthetic" in evaluated.stderr and "depth=8" in evaluated.stderr
   saved = json.loads((model_dir / "eval.json").read_text())
   # The whole test split: the run's --eval_steps capped its per-epoch evaluations only.
-  assert saved["model"] == "resnet8" and saved["examples"] == saved["split_examples"] == 10000
+  assert saved["model"] == "resnet8" and saved["examples"] == saved["split_examples"] == 60
   # No TensorFlow chatter: every stderr line is the trainer's own.
   assert not [line for line in evaluated.stderr.splitlines()
               if "tensorflow" in line.lower() or ABSL_PREFIX.match(line)]

@@ -190,14 +190,15 @@ NOT_RUN = [
 # Run as written, from a scratch dir where runs/smoke is a tiny run the README's own
 # command trained and runs/r20 a link to it, with scripts/ linked from the repo, cat.png
 # and more_images/ beside them; `python` and `.venv/bin/python` are this interpreter.
-SMOKE_RUN = ("python -m trainer.main --depth=8 --data_source=synthetic --global_batch_size=32 "
-             "--epochs=2 --steps_per_epoch=10 --eval_steps=4 --model_dir=runs/smoke")
+SMOKE_RUN = ("python -m trainer.main --depth=8 --data_source=synthetic "
+             "--synthetic_examples=512,64 --global_batch_size=32 --epochs=2 --steps_per_epoch=10 "
+             "--eval_steps=1 --model_dir=runs/smoke")
 RUN = {
     SMOKE_RUN: "metrics.json",
     "python -m trainer.main --help": "--depth (default: 50)",
-    "python -m trainer.main --flagfile=my_run.flags": "on all 10000 test images",
-    "python -m trainer.main --mode=eval --model_dir=runs/smoke": "on all 10000 test images",
-    "python -m trainer.main --mode=eval --model_dir=runs/r20": "on all 10000 test images",
+    "python -m trainer.main --flagfile=my_run.flags": "on all 64 test images",
+    "python -m trainer.main --mode=eval --model_dir=runs/smoke": "on all 64 test images",
+    "python -m trainer.main --mode=eval --model_dir=runs/r20": "on all 64 test images",
     "python -m trainer.main --mode=eval --model_dir=runs/r20 --checkpoint=best": "best/ckpt-",
     "python -m trainer.main --mode=export --model_dir=runs/r20": "exported",  # EXPORT
     "python scripts/predict.py runs/r20/export cat.png more_images/ --top_k=3": "cat.png: ",

@@ -15,7 +15,8 @@ from trainer import evaluation, schedule, state as state_lib, train
 
 from conftest import checkpoint_weights, run_main
 
-TINY = dict(depth=8, data_source="synthetic", global_batch_size=16, eval_steps=2)
+TINY = dict(depth=8, data_source="synthetic", synthetic_examples=(256, 60),
+            global_batch_size=16, eval_steps=2)
 
 
 def tiny_state(config: config_lib.Config) -> state_lib.State:

@@ -431,6 +431,26 @@ def test_synthetic_source_is_uint8_cifar_shaped():
   np.testing.assert_array_equal(train.images, again.images)
 
 
+def test_synthetic_examples_sizes_the_runs_synthetic_splits_and_defaults_to_cifar10s():
+  from trainer import config as config_lib, data
+  splits = data.load(config_lib.Config(data_source="synthetic", synthetic_examples=(48, 12)))
+  assert (splits.train.num_examples, splits.test.num_examples) == (48, 12)
+  splits = data.load(config_lib.Config(data_source="synthetic"))
+  assert (splits.train.num_examples, splits.test.num_examples) == (50_000, 10_000)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(synthetic_examples=(48, 12)), "is for --data_source=synthetic, not --data_source=tfds"),
+    (dict(data_source="synthetic", synthetic_examples=(48,)), "TRAIN,TEST, two positive"),
+    (dict(data_source="synthetic", synthetic_examples=(48, 0)), "TRAIN,TEST, two positive"),
+    (dict(data_source="synthetic", synthetic_examples=(1, 2, 3)), "TRAIN,TEST, two positive"),
+])
+def test_synthetic_examples_outside_a_synthetic_run_or_not_two_sizes_is_refused(flags, message):
+  from trainer import config as config_lib
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.Config(**flags)
+
+
 # TFDS.
 
 def test_tfds_empty_data_dir_without_network_fails_fast(tmp_path):

@@ -15,8 +15,8 @@ from trainer import (distribute, precision_probe, run_dir, schedule, state as st
                      train)
 from trainer.distribute import precision as precision_lib
 
-TINY = dict(depth=8, data_source="synthetic", global_batch_size=16, steps_per_epoch=2,
-            eval_steps=1)
+TINY = dict(depth=8, data_source="synthetic", synthetic_examples=(256, 60),
+            global_batch_size=16, steps_per_epoch=2, eval_steps=1)
 
 
 def never(what: str):

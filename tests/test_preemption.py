@@ -33,7 +33,8 @@ def start_workers(model_dir: pathlib.Path, log_dir: pathlib.Path, name: str
     with open(log, "w") as stderr:
       process = subprocess.Popen(
           [sys.executable, "-m", "trainer.main", "--strategy=multi_worker", "--depth=8",
-           "--data_source=synthetic", "--deterministic", f"--model_dir={model_dir}",
+           "--data_source=synthetic", "--synthetic_examples=50000,60", "--deterministic",
+           f"--model_dir={model_dir}",
            "--epochs=1", "--steps_per_epoch=60", "--global_batch_size=8", "--eval_steps=2",
            "--log_every_steps=5", "--checkpoint_every_steps=100000",
            "--peer_timeout_seconds=60"],

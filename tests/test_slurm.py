@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from conftest import SMALL_SYNTHETIC
 from trainer import distribute
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -264,7 +265,7 @@ def test_two_srun_tasks_train_together_without_tf_config(tmp_path):
   model_dir = tmp_path / "run"  # Shared by both tasks, as on a cluster file system.
   environment = {name: value for name, value in os.environ.items()
                  if not name.startswith("SLURM") and name != "TF_CONFIG"}
-  args = ["--strategy=multi_worker", "--depth=8", "--data_source=synthetic",
+  args = ["--strategy=multi_worker", "--depth=8", "--data_source=synthetic", SMALL_SYNTHETIC,
           "--global_batch_size=16", "--steps_per_epoch=3", "--epochs=1", "--eval_steps=2",
           f"--model_dir={model_dir}", "--peer_timeout_seconds=60"]
   processes = []

@@ -21,7 +21,8 @@ SBATCH_FILE = REPO / "scripts" / "slurm" / "train.sbatch"
 PACKAGES = "munge slurmctld slurmd slurm-client"
 # Long enough that no stop finds the run finished (3000 steps; the stops come within its
 # first seconds of training); no periodic save, so each stop's checkpoint is the only one.
-TRAIN = ["--depth=8", "--data_source=synthetic", "--deterministic", "--global_batch_size=8",
+TRAIN = ["--depth=8", "--data_source=synthetic", "--synthetic_examples=50000,60",
+         "--deterministic", "--global_batch_size=8",
          "--steps_per_epoch=3000", "--epochs=1", "--eval_steps=2", "--log_every_steps=5",
          "--checkpoint_every_steps=100000", "--peer_timeout_seconds=60"]
 # Two trainers importing TensorFlow on two shared cores take 25-40 s to reach step 5.

@@ -23,8 +23,8 @@ from trainer import config as config_lib
 from trainer import errors, metrics, run_files, summaries, train
 from trainer.stop import StopRequest, Stopped
 
-TINY = dict(depth=8, data_source="synthetic", global_batch_size=16, steps_per_epoch=3,
-            epochs=2, eval_steps=2)
+TINY = dict(depth=8, data_source="synthetic", synthetic_examples=(256, 60),
+            global_batch_size=16, steps_per_epoch=3, epochs=2, eval_steps=2)
 ALL_STATUSES = [api_pb2.STATUS_UNKNOWN, api_pb2.STATUS_SUCCESS, api_pb2.STATUS_FAILURE,
                 api_pb2.STATUS_RUNNING]
 
@@ -172,7 +172,7 @@ def test_a_stopped_run_stays_unknown_and_its_resume_writes_one_session_that_succ
   tags = event_tags(model_dir / run_files.VALIDATION_EVENTS)
   assert {"confusion_matrix", "final_test_confusion_matrix", "final_test_accuracy"} <= tags
   assert "validation_per_class_accuracy" in result["history"][-1]
-  assert np.array(result["test_confusion_matrix"]).sum() == 10_000
+  assert np.array(result["test_confusion_matrix"]).sum() == 60
   assert set(result["test_per_class_accuracy"]) == {str(i) for i in range(10)}
   assert "most_confused" in result
 
@@ -215,9 +215,9 @@ def test_per_class_accuracy_is_recorded_and_weighted_by_class_counts_is_the_accu
   names = [str(i) for i in range(10)]  # The synthetic source's class names.
   confusion = np.array(result["test_confusion_matrix"])
   assert confusion.shape == (10, 10)
-  # The final matrix: the whole test split (the synthetic one's 10,000), no padding
-  # counted; each epoch's: its --eval_steps=2 batches.
-  assert confusion.sum() == result["test_examples"] == 10000
+  # The final matrix: the whole test split (the synthetic one's 60, in 4 batches of 16),
+  # no padding counted; each epoch's: its --eval_steps=2 batches.
+  assert confusion.sum() == result["test_examples"] == 60
   assert [h["test_examples"] for h in result["history"]] == [2 * 16] * 2
   per_class = result["test_per_class_accuracy"]
   assert set(per_class) == set(names)
@@ -226,7 +226,7 @@ def test_per_class_accuracy_is_recorded_and_weighted_by_class_counts_is_the_accu
   assert weighted == pytest.approx(result["test_accuracy"])
   # With flip TTA and an EMA too, the matrix is the plain evaluation's.
   plain = read_json(study / "plain" / "metrics.json")
-  assert np.trace(plain["test_confusion_matrix"]) / 10000 == pytest.approx(
+  assert np.trace(plain["test_confusion_matrix"]) / 60 == pytest.approx(
       plain["test_accuracy"])
   assert all(per_class[n] is None for n, c in zip(names, counts) if not c)
   for record in result["history"]:

@@ -134,6 +134,11 @@ class Config:
   data_dir: str | None = setting(
       None, group="data", evaluation=GIVEN,
       help="The TFDS data dir (tfds) or the image folder (folder).")
+  synthetic_examples: tuple[int, ...] | None = setting(
+      None, group="data", resume=FIXED, evaluation=GIVEN,
+      help="--data_source=synthetic: TRAIN,TEST, the random images of each split, e.g. "
+      "512,64 for a smoke run whose final evaluation takes no time; default: CIFAR-10's "
+      "50000,10000.")
   validation_split: int = setting(
       0, group="data", resume=FIXED, minimum=0,
       help="Hold out this many training images (chosen by --seed) for the per-epoch "
@@ -300,6 +305,8 @@ class Config:
     if self.data_source == "folder" and not self.data_dir:
       raise ConfigError("--data_source=folder needs --data_dir=DIR holding DIR/train/<class>/ "
                         "and DIR/test/<class>/ image folders")
+    if self.synthetic_examples is not None:
+      _check_synthetic_examples(self)
     if self.strategy == "tpu" and not self.tpu:
       raise ConfigError("--strategy=tpu needs --tpu=NAME_OR_ADDRESS (or 'local')")
     if self.profile_steps is not None and (
@@ -341,6 +348,16 @@ def _check_finite_floats(config: Config) -> None:
     value = getattr(config, field.name)
     if value is not None and not math.isfinite(value):
       raise ConfigError(f"--{field.name} must be a finite number, got {value}")
+
+
+def _check_synthetic_examples(config: Config) -> None:
+  sizes = config.synthetic_examples
+  if config.data_source != "synthetic":
+    raise ConfigError(f"--synthetic_examples is for --data_source=synthetic, not "
+                      f"--data_source={config.data_source}")
+  if len(sizes) != 2 or min(sizes) < 1:
+    raise ConfigError(f"--synthetic_examples must be TRAIN,TEST, two positive integers, "
+                      f"got {flag_text(sizes)}")
 
 
 def _check_declared(config: Config) -> None:

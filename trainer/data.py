@@ -33,7 +33,8 @@ def load(config: Config) -> Splits:
     ConfigError: when --validation_split does not fit the training split.
   """
   try:
-    train, test = sources.load_splits(config.data_source, config.data_dir, config.seed)
+    train, test = sources.load_splits(config.data_source, config.data_dir, config.seed,
+                                      config.synthetic_examples)
   except sources.DataError as e:
     raise DataError(str(e)) from None
   # A folder lists the test split class by class: a capped --eval_steps would see one

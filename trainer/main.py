@@ -5,6 +5,7 @@ train, eval or export -> exit code.
 """
 
 import contextlib
+import gc
 import os
 import re
 import signal
@@ -208,6 +209,10 @@ def main(argv):
     _stop(handler, stop.signal_of(e), " while starting up; nothing was written")
   try:
     print(_run(config, handler, notes))
+    # Everything is written and flushed. The interpreter's last garbage collection at exit
+    # walks every TensorFlow and Keras object: 0.8 s of each command (a smoke run takes 7),
+    # measured on the 2-core AMD EPYC VM; frozen, they are left to the exit (0.1 s).
+    gc.freeze()
   except errors.UserError as e:
     cli.fail(str(e))
   except errors.TrainingError as e:
