@@ -159,6 +159,9 @@ def test_the_settings_roles_are_the_ones_resume_and_evaluation_use():
   architecture = ("depth", "plain", "stem", "shortcut", "stage_sizes", "stage_widths")
   assert set(architecture) < set(config_lib.RESUME_FIXED)
   assert set(config_lib.RUN_DEFINING) == {*architecture, "ema_decay"}
+  # The training data and what maps steps to it.
+  data = ("data_source", "synthetic_examples", "validation_split", "seed", "deterministic")
+  assert set(data) < set(config_lib.RESUME_FIXED)
   # Where and how a command runs is its own; it never comes from the run.
   assert {"strategy", "precision", "jit_compile", "cpu_devices", "eval_steps"} <= set(
       config_lib.EVAL_COMMAND)

@@ -122,6 +122,15 @@ def test_the_documented_replica_tolerances_are_the_ones_the_tests_hold(page):
   assert "of each tensor's scale" not in text
 
 
+def test_the_resuming_page_names_every_setting_a_resumed_run_must_keep():
+  from trainer import config as config_lib
+  page = (REPO / "docs" / "resuming.md").read_text()
+  refused = page[page.index("Refused before anything is written"):]
+  refused = refused[:refused.index("\n- ")]  # Its bullet point.
+  named = set(re.findall(r"`--(\w+)`", refused))
+  assert set(config_lib.RESUME_FIXED) <= named, set(config_lib.RESUME_FIXED) - named
+
+
 def test_every_relative_link_in_readme_and_docs_resolves():
   pages = [*documented_pages(), REPO / "WORKSPACE.md", REPO / "RESULTS.md",
            REPO / "BENCHMARKS.md"]
