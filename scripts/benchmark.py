@@ -97,8 +97,7 @@ def run_trainer(data_source: str, data_dir: str | None) -> dict:
     config = config_lib.Config(
         depth=FLAGS.depth, plain=FLAGS.plain, stem=FLAGS.stem, data_source=data_source,
         synthetic_examples=synthetic, data_dir=data_dir, epochs=1, steps_per_epoch=steps,
-        eval_steps=1,
-        global_batch_size=FLAGS.global_batch_size, precision=FLAGS.precision,
+        eval_steps=1, global_batch_size=FLAGS.global_batch_size, precision=FLAGS.precision,
         jit_compile=FLAGS.jit_compile, strategy=FLAGS.strategy,
         cpu_devices=FLAGS.cpu_devices, steps_per_execution=FLAGS.steps_per_execution,
         log_every_steps=FLAGS.window_steps, checkpoint_every_steps=10**9,

@@ -32,7 +32,8 @@ tf.config.set_logical_device_configuration(
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Synthetic splits of 256 training and 60 test images (a partial last batch of 16): the
 # final evaluation covers the whole test split, and CIFAR-10's 10,000 cost a tiny run 2 s.
-SMALL_SYNTHETIC = "--synthetic_examples=256,60"
+SMALL_SYNTHETIC_EXAMPLES = (256, 60)
+SMALL_SYNTHETIC = f"--synthetic_examples={','.join(map(str, SMALL_SYNTHETIC_EXAMPLES))}"
 # depth 8 (CIFAR family, n=1) on synthetic data: big enough to checkpoint, fast to run.
 # 4 steps an epoch, 32 of the 60 test images each epoch.
 TINY_FLAGS = ["--depth=8", "--data_source=synthetic", SMALL_SYNTHETIC, "--global_batch_size=16",

@@ -16,9 +16,9 @@ import tensorflow as tf
 from trainer import config as config_lib
 from trainer import train
 
-from conftest import (REPO, SMALL_SYNTHETIC, TINY_FLAGS, Run, checkpoint_weights,
-                      planned_batches, recorded_batches, run_and_kill, run_main, wait_for,
-                      skip_unless_cpu_runs)
+from conftest import (REPO, SMALL_SYNTHETIC, SMALL_SYNTHETIC_EXAMPLES, TINY_FLAGS, Run,
+                      checkpoint_weights, planned_batches, recorded_batches, run_and_kill,
+                      run_main, wait_for, skip_unless_cpu_runs)
 
 
 @pytest.mark.process
@@ -85,8 +85,9 @@ def test_a_default_run_killed_mid_epoch_resumes_on_the_uninterrupted_runs_batche
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
   # What the run dir holds decides the resume: in-process (TINY_FLAGS's run).
   caplog.set_level(logging.WARNING, logger="absl")
-  config = config_lib.Config(depth=8, data_source="synthetic", synthetic_examples=(256, 60),
-                             global_batch_size=16, steps_per_epoch=4, eval_steps=2, epochs=2,
+  config = config_lib.Config(depth=8, data_source="synthetic",
+                             synthetic_examples=SMALL_SYNTHETIC_EXAMPLES, global_batch_size=16,
+                             steps_per_epoch=4, eval_steps=2, epochs=2,
                              model_dir=str(tmp_path / "run"))
   strategy = tf.distribute.get_strategy()
   train.train_and_evaluate(config, strategy)
@@ -149,7 +150,7 @@ def test_full_disk_fails_before_training(tmp_path, monkeypatch):
   monkeypatch.setattr(run_dir.shutil, "disk_usage",
                       lambda path: type("Usage", (), {"free": 1 << 20})())
   config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=16,
-                             synthetic_examples=(256, 60),
+                             synthetic_examples=SMALL_SYNTHETIC_EXAMPLES,
                              steps_per_epoch=2, epochs=1, model_dir=str(tmp_path / "run"))
   with pytest.raises(errors.RunDirError, match="MiB free"):
     train.train_and_evaluate(config, tf.distribute.get_strategy())
@@ -189,7 +190,7 @@ def test_a_failing_worker_removes_its_scratch_dir(tmp_path, monkeypatch):
   monkeypatch.setattr(distribute, "is_chief", lambda strategy: False)
   # It saves checkpoints in its scratch dir every step until the loss goes NaN.
   config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=16,
-                             synthetic_examples=(256, 60),
+                             synthetic_examples=SMALL_SYNTHETIC_EXAMPLES,
                              steps_per_epoch=4, eval_steps=2, epochs=3, learning_rate=1e30,
                              checkpoint_every_steps=1, model_dir=str(tmp_path / "run"))
   with pytest.raises(errors.TrainingError, match="NaN or Inf"):

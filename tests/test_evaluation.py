@@ -13,9 +13,9 @@ from input_pipeline import sources
 from trainer import config as config_lib
 from trainer import evaluation, schedule, state as state_lib, train
 
-from conftest import checkpoint_weights, run_main
+from conftest import SMALL_SYNTHETIC_EXAMPLES, checkpoint_weights, run_main
 
-TINY = dict(depth=8, data_source="synthetic", synthetic_examples=(256, 60),
+TINY = dict(depth=8, data_source="synthetic", synthetic_examples=SMALL_SYNTHETIC_EXAMPLES,
             global_batch_size=16, eval_steps=2)
 
 

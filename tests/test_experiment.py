@@ -13,14 +13,15 @@ import sys
 import matplotlib.image
 import pytest
 
+from conftest import SMALL_SYNTHETIC
 from scripts import experiment_figures, experiment_labels, experiment_results, experiment_runs
 from trainer import run_files
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# ResNet-8 / plain-8 (CIFAR family, n=1), 2 epochs of 2 steps on small synthetic splits
-# (256 training, 60 test images): seconds per run.
+# ResNet-8 / plain-8 (CIFAR family, n=1), 2 epochs of 2 steps on small synthetic splits:
+# seconds per run.
 TINY = ["--depths=8", "--data_source=synthetic", "--epochs=2", "--steps_per_epoch=2",
-        "--eval_steps=1", "--global_batch_size=8", "--extra_args=--synthetic_examples=256,60"]
+        "--eval_steps=1", "--global_batch_size=8", f"--extra_args={SMALL_SYNTHETIC}"]
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:

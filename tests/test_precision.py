@@ -8,14 +8,14 @@ import keras
 import pytest
 import tensorflow as tf
 
-from conftest import (TINY_FLAGS, checkpoint_weights, mirrored_on_two_cpus, run_main,
-                      skip_unless_cpu_runs)
+from conftest import (SMALL_SYNTHETIC_EXAMPLES, TINY_FLAGS, checkpoint_weights,
+                      mirrored_on_two_cpus, run_main, skip_unless_cpu_runs)
 from trainer import config as config_lib
 from trainer import (distribute, precision_probe, run_dir, schedule, state as state_lib,
                      train)
 from trainer.distribute import precision as precision_lib
 
-TINY = dict(depth=8, data_source="synthetic", synthetic_examples=(256, 60),
+TINY = dict(depth=8, data_source="synthetic", synthetic_examples=SMALL_SYNTHETIC_EXAMPLES,
             global_batch_size=16, steps_per_epoch=2, eval_steps=1)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import SMALL_SYNTHETIC, logged, run_and_kill, run_main
+from conftest import SMALL_SYNTHETIC, SMALL_SYNTHETIC_EXAMPLES, logged, run_and_kill, run_main
 from trainer import config as config_lib
 from trainer import main as main_lib
 from trainer import data, evaluation, resnet, train
@@ -133,7 +133,7 @@ def test_learning_rate_schedule_survives_resume(tmp_path):
       resumed.group(1))
   rates = logged(tmp_path / "train", "learning_rate")
   config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=16,
-                             synthetic_examples=(256, 60),
+                             synthetic_examples=SMALL_SYNTHETIC_EXAMPLES,
                              steps_per_epoch=4, epochs=3, warmup_epochs=1)
   rate = schedule_lib.make_learning_rate(config, schedule_lib.make_plan(
       config, replicas=1, num_train=50_000, num_eval=10_000))
@@ -145,7 +145,7 @@ def test_learning_rate_schedule_survives_resume(tmp_path):
 
 def test_ema_and_flip_tta_evaluation_give_finite_metrics(tmp_path):
   config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=16,
-                             synthetic_examples=(256, 60),
+                             synthetic_examples=SMALL_SYNTHETIC_EXAMPLES,
                              steps_per_epoch=3, eval_steps=2, epochs=1, ema_decay=0.9,
                              eval_flip=True, model_dir=str(tmp_path / "run"))
   metrics = train.train_and_evaluate(config, tf.distribute.get_strategy())

@@ -16,7 +16,7 @@ import tensorflow as tf
 from trainer import config as config_lib
 from trainer import errors, hardware, run_dir, steps, train
 
-from conftest import REPO, SMALL_SYNTHETIC, skip_unless_cpu_runs
+from conftest import REPO, SMALL_SYNTHETIC, SMALL_SYNTHETIC_EXAMPLES, skip_unless_cpu_runs
 from conftest import run_main as trainer
 
 TINY = ["--depth=8", "--data_source=synthetic", SMALL_SYNTHETIC, "--global_batch_size=16",
@@ -97,7 +97,7 @@ def test_weights_that_become_inf_while_the_loss_stays_finite_stop_the_run(
   # The loss guard sees nothing: only the check of the weights can stop this run.
   monkeypatch.setattr(steps.TrainSteps, "first_non_finite_step", lambda self: 0)
   config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=16,
-                             synthetic_examples=(256, 60),
+                             synthetic_examples=SMALL_SYNTHETIC_EXAMPLES,
                              steps_per_epoch=10, epochs=2, eval_steps=2, log_every_steps=1,
                              checkpoint_every_steps=1, learning_rate=1e8,
                              model_dir=str(tmp_path / "run"))
@@ -184,7 +184,7 @@ def test_a_second_trainer_is_refused_and_a_killed_ones_lock_is_taken_over(tmp_pa
 def test_the_lock_is_released_when_the_run_fails(tmp_path):
   model_dir = tmp_path / "run"
   config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=16,
-                             synthetic_examples=(256, 60),
+                             synthetic_examples=SMALL_SYNTHETIC_EXAMPLES,
                              steps_per_epoch=3, epochs=1, eval_steps=2, learning_rate=1e30,
                              model_dir=str(model_dir))
   with pytest.raises(errors.TrainingError):
@@ -255,7 +255,7 @@ def test_a_failed_save_names_the_last_good_checkpoint(tmp_path, monkeypatch):
 
   monkeypatch.setattr(run_dir.Checkpoints, "save", save)
   config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=16,
-                             synthetic_examples=(256, 60),
+                             synthetic_examples=SMALL_SYNTHETIC_EXAMPLES,
                              steps_per_epoch=3, epochs=2, eval_steps=2,
                              checkpoint_every_steps=1, model_dir=str(tmp_path / "run"))
   with pytest.raises(errors.RunDirError,

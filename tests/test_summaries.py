@@ -18,12 +18,12 @@ from tensorboard.plugins.hparams import (api_pb2, backend_context, get_experimen
                                          list_session_groups)
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from conftest import event_tags, logged
+from conftest import SMALL_SYNTHETIC_EXAMPLES, event_tags, logged
 from trainer import config as config_lib
 from trainer import errors, metrics, run_files, summaries, train
 from trainer.stop import StopRequest, Stopped
 
-TINY = dict(depth=8, data_source="synthetic", synthetic_examples=(256, 60),
+TINY = dict(depth=8, data_source="synthetic", synthetic_examples=SMALL_SYNTHETIC_EXAMPLES,
             global_batch_size=16, steps_per_epoch=3, epochs=2, eval_steps=2)
 ALL_STATUSES = [api_pb2.STATUS_UNKNOWN, api_pb2.STATUS_SUCCESS, api_pb2.STATUS_FAILURE,
                 api_pb2.STATUS_RUNNING]

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (REPO, TINY_FLAGS, checkpoint_weights, event_tags, logged,
-                      mirrored_on_two_cpus, run_main)
+from conftest import (REPO, SMALL_SYNTHETIC_EXAMPLES, TINY_FLAGS, checkpoint_weights,
+                      event_tags, logged, mirrored_on_two_cpus, run_main)
 from trainer import config as config_lib
 from trainer import schedule
 from trainer import state as state_lib
@@ -107,7 +107,7 @@ def test_mirrored_strategy_on_two_cpus_trains_and_resumes(tmp_path, image_folder
 
 def test_run_training_returns_the_trained_model_its_last_checkpoint_holds(tmp_path):
   config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=16,
-                             synthetic_examples=(256, 60),
+                             synthetic_examples=SMALL_SYNTHETIC_EXAMPLES,
                              steps_per_epoch=3, eval_steps=2, epochs=1,
                              checkpoint_every_steps=1, model_dir=str(tmp_path / "run"))
   strategy = tf.distribute.get_strategy()
@@ -168,7 +168,7 @@ def test_config_rejects_invalid_values():
 def test_global_batch_not_divisible_by_replicas_fails_before_writing(tmp_path):
   strategy = mirrored_on_two_cpus()
   config = config_lib.Config(depth=8, data_source="synthetic", global_batch_size=7,
-                             synthetic_examples=(256, 60),
+                             synthetic_examples=SMALL_SYNTHETIC_EXAMPLES,
                              model_dir=str(tmp_path / "run"), steps_per_epoch=1)
   with pytest.raises(config_lib.ConfigError, match="replicas"):
     train.train_and_evaluate(config, strategy)
@@ -177,7 +177,7 @@ def test_global_batch_not_divisible_by_replicas_fails_before_writing(tmp_path):
 
 def test_several_steps_per_execution_stop_at_log_and_epoch_boundaries(tmp_path):
   config = config_lib.Config(depth=8, data_source="synthetic", model_dir=str(tmp_path / "run"),
-                             synthetic_examples=(256, 60),
+                             synthetic_examples=SMALL_SYNTHETIC_EXAMPLES,
                              epochs=2, steps_per_epoch=7, global_batch_size=8,
                              steps_per_execution=3, log_every_steps=5, eval_steps=1)
   metrics = train.train_and_evaluate(config, tf.distribute.get_strategy())
